@@ -1,0 +1,1 @@
+"""The Gradio app (see DESIGN section 7); `mmdeploy serve` lands with the serving issue."""

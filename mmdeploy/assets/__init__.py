@@ -1,0 +1,1 @@
+"""Bundled demo data: animal silhouettes (MIT, see animal_silhouettes.LICENSE)."""

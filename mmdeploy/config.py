@@ -1,0 +1,125 @@
+"""Dataclass configs for every stage, with a JSON round-trip.
+
+Adapter configs live beside their adapter (`mmdeploy.models.<name>.config`) and use the same
+`ConfigBase`; a run's `adapter_config.json` nests them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    """Coerce a JSON value to the annotated field type (nested configs, tuples, optionals)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(options[0], value) if len(options) == 1 else value
+    if isinstance(tp, type) and issubclass(tp, ConfigBase):
+        return tp.from_dict(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v) for v in value]
+    return value
+
+
+@dataclass
+class ConfigBase:
+    """JSON round-trip for a dataclass: `from_dict(to_dict(c)) == c`, unknown keys refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
+        kwargs = {k: _convert(hints[k], v) for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class BackboneConfig(ConfigBase):
+    """Which frozen towers to load.
+
+    `spec` is `tiny` (a seeded tiny CLIP built from a config and saved with
+    `save_pretrained`), a local `CLIPModel` checkpoint directory, or `VISION_DIR,TEXT_DIR`.
+    """
+
+    spec: str = "tiny"
+    tiny_seed: int = 0
+    cache_dir: str | None = None  # where `tiny` is materialised; default ~/.cache/mm-peft-deploy
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Where the images come from and how they are split.
+
+    `source` is `demo`, an image folder (one subfolder per class) or a CSV/JSONL manifest.
+    `shots` = 0 means the full training pool; otherwise K images per class (few-shot).
+    """
+
+    source: str = "demo"
+    shots: int = 16
+    val_per_class: int = 20
+    test_per_class: int = 50
+    split_seed: int = 0
+    prompt_template: str = "a photo of a {}."
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    ewc_lambda: float = 0.0
+    max_nan_steps: int = 5
+
+
+@dataclass
+class ExportConfig(ConfigBase):
+    formats: tuple[str, ...] = ("onnx",)
+    batch_min: int = 1
+    batch_opt: int = 8
+    batch_max: int = 64
+    opset: int = 18
+    fp16: bool = False
+    target: str = "onnxruntime"  # `tensorrt` makes the op lint an error instead of a warning
+    parity_batches: tuple[int, ...] = field(default=(1, 7, 32))
