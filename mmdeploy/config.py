@@ -123,3 +123,51 @@ class ExportConfig(ConfigBase):
     fp16: bool = False
     target: str = "onnxruntime"  # `tensorrt` makes the op lint an error instead of a warning
     parity_batches: tuple[int, ...] = field(default=(1, 7, 32))
+
+
+def parse_overrides(config_cls: type[T], pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings from the command line -> typed values for `config_cls`.
+
+    Tuples take comma-separated values; booleans take true/false.
+    """
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in hints:
+            options = ", ".join(f.name for f in dataclasses.fields(config_cls))
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE with KEY one of {options}")
+        values[key] = _parse_value(hints[key], raw.strip(), key)
+    return values
+
+
+def _parse_value(tp: Any, raw: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null"):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    try:
+        if tp is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        return tp(raw) if tp in (int, float, str) else json.loads(raw)
+    except ValueError:
+        kind = getattr(tp, "__name__", tp)
+        raise ConfigError(f"--option {key}={raw!r}: not a valid {kind}") from None
+
+
+def describe_options(config_cls: type) -> str:
+    """One line per option with its default, for `--help`."""
+    lines = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        lines.append(f"{f.name}={default}")
+    return " ".join(lines)

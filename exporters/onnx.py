@@ -1,0 +1,48 @@
+"""Deploy form -> ONNX with the dynamo exporter, opset 18, a named dynamic batch axis."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+# Above this the protobuf's 2 GB limit is near: weights go to `model.onnx.data`.
+EXTERNAL_DATA_BYTES = 1 << 30
+INPUT_NAMES = ["pixel_values"]
+OUTPUT_NAMES = ["logits", "embeddings"]
+
+
+def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch_min: int,
+                batch_max: int, opset: int) -> dict:
+    """Export `model` (pixel_values -> logits, embeddings) and check the file.
+
+    The sample batch is 2 (not 1) because torch.export specialises a dimension of size 1.
+    """
+    sample = torch.randn(max(2, batch_min), 3, *image_size)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    started = time.perf_counter()
+    batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
+    torch.onnx.export(
+        model, (sample,), str(path), dynamo=True, opset_version=opset,
+        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        dynamic_shapes={"pixel_values": {0: batch}},
+        external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
+    seconds = time.perf_counter() - started
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        "seconds": round(seconds, 3),
+        "nodes": len(graph.node),
+        "inputs": [_describe(v) for v in graph.input],
+        "outputs": [_describe(v) for v in graph.output],
+    }
+
+
+def _describe(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+        tensor.elem_type).name, "shape": shape}

@@ -1,0 +1,252 @@
+"""Parity of an exported backend against the PyTorch model, with DESIGN section 6's bounds.
+
+| backend                          | criterion                                             |
+|----------------------------------|-------------------------------------------------------|
+| onnxruntime fp32, aoti fp32      | max abs <= 1e-4 and top-1 agreement 100%              |
+| tensorrt fp32                    | max abs <= 1e-3 and top-1 agreement 100%              |
+| any fp16                         | cosine >= 0.999 per row (minimum over rows) and top-1 |
+|                                  | agreement >= 99.5%                                    |
+
+Figures are measured on every output (logits and embeddings); top-1 agreement on the logits.
+Non-finite values count as the worst possible figure (max abs inf, cosine -inf), so a NaN
+never passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmdeploy.errors import ConfigError, ParityError
+
+Outputs = Mapping[str, np.ndarray]
+Case = tuple[str, int, Outputs, Outputs]
+
+_FP32_MAX_ABS = {"onnxruntime": 1e-4, "aoti": 1e-4, "tensorrt": 1e-3}
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Bounds an export must meet; a None bound is not checked."""
+
+    max_abs: float | None
+    min_cosine: float | None
+    min_top1_agreement: float
+
+    def violations(self, metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+        """(metric, value, bound) for each bound `metrics` breaks, most serious first:
+        a changed answer (top-1), then absolute error, then direction (cosine)."""
+        found = []
+        top1 = metrics.get("top1_agreement")
+        if top1 is not None and not top1 >= self.min_top1_agreement:
+            found.append(("top1_agreement", top1, self.min_top1_agreement))
+        if self.max_abs is not None and not metrics["max_abs"] <= self.max_abs:
+            found.append(("max_abs", metrics["max_abs"], self.max_abs))
+        if self.min_cosine is not None and not metrics["min_cosine"] >= self.min_cosine:
+            found.append(("min_cosine", metrics["min_cosine"], self.min_cosine))
+        return found
+
+
+def criterion_for(backend: str, precision: str) -> Criterion:
+    """DESIGN's criterion for a backend ("onnxruntime", "aoti", "tensorrt") and precision."""
+    if backend not in _FP32_MAX_ABS:
+        known = ", ".join(sorted(_FP32_MAX_ABS))
+        raise ConfigError(f"no parity criterion for backend {backend!r} (known: {known})")
+    if precision == "fp32":
+        return Criterion(max_abs=_FP32_MAX_ABS[backend], min_cosine=None, min_top1_agreement=1.0)
+    if precision == "fp16":
+        return Criterion(max_abs=None, min_cosine=0.999, min_top1_agreement=0.995)
+    raise ConfigError(f"no parity criterion for precision {precision!r} (known: fp16, fp32)")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def output_mismatches(reference: Outputs, candidate: Outputs) -> list[str]:
+    """Structural differences (missing outputs, other shapes) that make figures meaningless.
+
+    A wrong shape is a real export failure: an exporter that froze the batch size returns
+    the export sample's batch whatever it is given.
+    """
+    problems = [f"output {name!r} is missing" for name in reference if name not in candidate]
+    problems += [
+        f"output {name!r} has shape {np.shape(candidate[name])}, reference {np.shape(ref)}"
+        for name, ref in reference.items()
+        if name in candidate and np.shape(candidate[name]) != np.shape(ref)
+    ]
+    return problems
+
+
+def compare(reference: Outputs, candidate: Outputs, logits_key: str = "logits") -> dict[str, Any]:
+    """Figures for `candidate` against `reference`, output by output.
+
+    Returns {"outputs": {name: {"max_abs", "min_cosine"}}, "max_abs", "min_cosine" (worst
+    over outputs), "top1_agreement" (fraction of rows whose argmax over `logits_key`'s last
+    axis agrees; None when the reference has no such output)}. Extra candidate outputs are
+    ignored. Raises ValueError listing the problems when an output is missing or has
+    another shape (`evaluate` records that as a failed check instead).
+    """
+    problems = output_mismatches(reference, candidate)
+    if problems:
+        raise ValueError("; ".join(problems))
+    per_output = {
+        name: {
+            "max_abs": _max_abs(ref, candidate[name]),
+            "min_cosine": _min_row_cosine(ref, candidate[name]),
+        }
+        for name, ref in reference.items()
+    }
+    top1 = None
+    if logits_key in reference:
+        top1 = _top1_agreement(reference[logits_key], candidate[logits_key])
+    return {
+        "outputs": per_output,
+        "max_abs": max((m["max_abs"] for m in per_output.values()), default=0.0),
+        "min_cosine": min((m["min_cosine"] for m in per_output.values()), default=1.0),
+        "top1_agreement": top1,
+    }
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """View an output as (rows, features) in float64: the first axis is the batch."""
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+
+
+def _max_abs(ref: np.ndarray, cand: np.ndarray) -> float:
+    diff = np.abs(_rows(ref) - _rows(cand))
+    if diff.size == 0:
+        return 0.0
+    return float(np.inf) if np.isnan(diff).any() else float(diff.max())
+
+
+def _min_row_cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Smallest cosine similarity over rows; two all-zero rows agree (1.0), one does not (0.0),
+    a row with a NaN or an infinity scores -inf."""
+    a, b = _rows(ref), _rows(cand)
+    if a.size == 0:
+        return 1.0
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cosine = np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0)
+    nonzero = (norm_a > 0) & (norm_b > 0)
+    with np.errstate(invalid="ignore"):
+        cosine[nonzero] = np.sum(a * b, axis=1)[nonzero] / (norm_a * norm_b)[nonzero]
+    broken = ~(np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1))
+    cosine[broken] = -np.inf
+    return float(cosine.min())
+
+
+def _top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float:
+    ref, cand = np.asarray(ref), np.asarray(cand)
+    if ref.size == 0:
+        return 1.0
+    ref_top = ref.reshape(-1, ref.shape[-1]).argmax(axis=-1)
+    cand_top = cand.reshape(-1, cand.shape[-1]).argmax(axis=-1)
+    return float(np.mean(ref_top == cand_top))
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+@dataclass
+class ParityCheck:
+    """One input kind ("random" or "real") at one batch size.
+
+    `metrics` is `compare()`'s result; `problems` lists structural mismatches, which fail
+    the check and leave `metrics` empty.
+    """
+
+    inputs: str
+    batch: int
+    metrics: dict[str, Any]
+    passed: bool
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.inputs} inputs, batch {self.batch}"
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    precision: str
+    criterion: Criterion
+    checks: list[ParityCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when there is at least one check and every check passed."""
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def worst(self) -> dict[str, float | None]:
+        """Worst max_abs, min_cosine and top1_agreement over the checks that have figures."""
+        measured = [c.metrics for c in self.checks if c.metrics]
+        top1 = [m["top1_agreement"] for m in measured if m["top1_agreement"] is not None]
+        return {
+            "max_abs": max((m["max_abs"] for m in measured), default=None),
+            "min_cosine": min((m["min_cosine"] for m in measured), default=None),
+            "top1_agreement": min(top1, default=None),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able; `passed` and `worst` are included for readers and ignored on load."""
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "criterion": asdict(self.criterion),
+            "checks": [asdict(c) for c in self.checks],
+            "passed": self.passed,
+            "worst": self.worst,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParityReport:
+        return cls(
+            backend=data["backend"],
+            precision=data["precision"],
+            criterion=Criterion(**data["criterion"]),
+            checks=[ParityCheck(**c) for c in data["checks"]],
+        )
+
+    def raise_if_failed(self) -> None:
+        """Raise ParityError for the most serious failure: a structural mismatch first, then
+        the first violated metric (top-1, max abs, cosine) at its worst over the checks."""
+        if not self.checks:
+            raise ParityError(self.backend, "checks run", 0, 1, "no parity checks were run")
+        broken = [c for c in self.checks if c.problems]
+        if broken:
+            first = broken[0]
+            detail = f"{first.problems[0]} ({first.where})"
+            raise ParityError(self.backend, "mismatched outputs", len(first.problems), 0, detail)
+        violations = self.criterion.violations(self.worst)
+        if violations:
+            metric, value, bound = violations[0]
+            detail = f"worst at {self._check_with(metric, value).where}"
+            others = [f"{m} = {v:.3g} (bound {b:.3g})" for m, v, b in violations[1:]]
+            raise ParityError(self.backend, metric, value, bound, "; ".join([detail, *others]))
+
+    def _check_with(self, metric: str, value: float) -> ParityCheck:
+        return next(c for c in self.checks if c.metrics and c.metrics[metric] == value)
+
+
+def evaluate(
+    backend: str, precision: str, cases: Iterable[Case], logits_key: str = "logits"
+) -> ParityReport:
+    """Check each `(inputs_kind, batch, reference_outputs, candidate_outputs)` case against
+    DESIGN's criterion for `backend` at `precision`; never raises on a failed check."""
+    criterion = criterion_for(backend, precision)
+    report = ParityReport(backend, precision, criterion)
+    for inputs, batch, reference, candidate in cases:
+        problems = output_mismatches(reference, candidate)
+        if problems:
+            report.checks.append(ParityCheck(inputs, batch, {}, False, problems))
+            continue
+        metrics = compare(reference, candidate, logits_key)
+        passed = not criterion.violations(metrics)
+        report.checks.append(ParityCheck(inputs, batch, metrics, passed))
+    return report

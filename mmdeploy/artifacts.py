@@ -1,0 +1,392 @@
+"""Run directory format, atomic writes and the export manifest (DESIGN section 8).
+
+Only safetensors and JSON are ever read back: nothing is unpickled. Every file is written
+to a temporary name beside its final path, fsynced and renamed over it, so a crash leaves
+either the old file or the new one, never half of one. Every loader says which file is
+wrong and how, in one line (`ArtifactError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from .config import ConfigBase
+from .errors import ArtifactError, ConfigError
+
+PathLike = str | os.PathLike[str]
+
+_CHUNK = 1 << 20
+_LFS_MAGIC = b"version https://git-lfs"
+_RUN_ENTRIES = frozenset(
+    {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoint", "export"}
+)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (engines and ONNX data can be GBs)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on a clean exit fsync it and rename it over `path`.
+
+    For writers that insist on a file name of their own (`onnx.save`, AOTInductor packaging).
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: PathLike) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON (line {exc.lineno})") from None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; some filesystems can't fsync a directory: skip there."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+def save_safetensors(
+    path: PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors atomically. Each tensor is copied to its own contiguous CPU storage,
+    so views and tensors sharing memory save as plain independent arrays."""
+    standalone = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    atomic_write_bytes(path, safetensors.torch.save(standalone, metadata=metadata))
+
+
+def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    _read_safetensors_header(path)
+    try:
+        return safetensors.torch.load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path}: corrupt safetensors file ({exc})") from None
+
+
+def safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The file's `__metadata__` (string to string), read from the header alone."""
+    return dict(_read_safetensors_header(path).get("__metadata__") or {})
+
+
+def _read_safetensors_header(path: PathLike) -> dict[str, Any]:
+    """Check a safetensors file's framing before the library sees it and return its header.
+
+    The library reports a Git LFS pointer, a truncated file or a garbage header as an
+    opaque `HeaderTooLarge` / `MetadataIncompleteBuffer`; these checks name the problem.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(len(_LFS_MAGIC))
+            if size == 0:
+                raise ArtifactError(f"{path}: empty file (0 bytes)")
+            if prefix == _LFS_MAGIC:
+                raise ArtifactError(
+                    f"{path}: is a Git LFS pointer, not the weights; run git lfs pull"
+                )
+            if size < 8:
+                raise ArtifactError(
+                    f"{path}: truncated or corrupt safetensors file ({size} bytes, "
+                    "shorter than the 8-byte header length)"
+                )
+            (header_len,) = struct.unpack("<Q", prefix[:8])
+            if header_len > size - 8:
+                raise ArtifactError(
+                    f"{path}: truncated or corrupt safetensors file "
+                    f"(header says {header_len} bytes, file has {size})"
+                )
+            f.seek(8)
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not a safetensors file") from None
+    header = _parse_header(path, raw)
+    _check_data_length(path, header, size - 8 - header_len)
+    return header
+
+
+def _parse_header(path: PathLike, raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ArtifactError(
+            f"{path}: truncated or corrupt safetensors file (header is not a JSON object)"
+        )
+    return header
+
+
+def _check_data_length(path: PathLike, header: dict[str, Any], available: int) -> None:
+    needed = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            needed = max(needed, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ArtifactError(
+                f"{path}: corrupt safetensors file (tensor {name!r} has no valid data_offsets)"
+            ) from None
+    if needed > available:
+        raise ArtifactError(
+            f"{path}: truncated safetensors file "
+            f"(tensor data needs {needed} bytes after the header, file has {available})"
+        )
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+@dataclass
+class RunDir:
+    """A run directory: `runs/<name>/` with the layout of DESIGN section 8."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "adapter_config.json"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.root / "adapter_model.safetensors"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.export_dir / "manifest.json"
+
+    def prepare_new(self, overwrite: bool) -> None:
+        """Create the root for a fresh run.
+
+        An existing non-empty root is refused unless `overwrite`; even then only a directory
+        that looks like a run (an adapter_config.json, or nothing but run files) is deleted,
+        so `--out ~ --overwrite` cannot wipe a home directory.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise ArtifactError(f"{self.root} exists and is not a directory")
+        if self.root.is_dir() and any(self.root.iterdir()):
+            if not overwrite:
+                raise ArtifactError(f"{self.root} already exists; pass --overwrite to replace it")
+            if not self._looks_like_run():
+                raise ArtifactError(
+                    f"{self.root} is not a run directory (no adapter_config.json); "
+                    "refusing to delete it with --overwrite"
+                )
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def require(self) -> None:
+        if not self.root.is_dir():
+            raise ArtifactError(f"{self.root}: no such run directory")
+        if not self.config_path.is_file():
+            raise ArtifactError(f"{self.root} is not a run directory (no adapter_config.json)")
+
+    def _looks_like_run(self) -> bool:
+        names = [p.name for p in self.root.iterdir()]
+        return self.config_path.is_file() or all(
+            n in _RUN_ENTRIES or (n.startswith(".") and n.endswith(".tmp")) for n in names
+        )
+
+
+# ---------------------------------------------------------------------------- export manifest
+
+
+@dataclass
+class Manifest(ConfigBase):
+    """`export/manifest.json`: what was exported, with hashes, shapes and parity figures.
+
+    `files` maps a path relative to export/ to {"sha256", "size"}; `inputs`/`outputs` are
+    {"name", "dtype", "shape"} with "batch" for the dynamic axis; `parity` maps a backend to
+    its `ParityReport.to_dict()`; `extra` holds anything else (batch range, lint findings,
+    export seconds).
+    """
+
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    opset: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_file(self, export_dir: PathLike, relpath: str) -> None:
+        """Record (or refresh) the sha256 and size of `export_dir/relpath`."""
+        path = Path(export_dir) / relpath
+        digest = sha256_file(path)
+        self.files[Path(relpath).as_posix()] = {"sha256": digest, "size": path.stat().st_size}
+
+    def save(self, path: PathLike) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: PathLike) -> Manifest:
+        data = read_json(path)
+        try:
+            manifest = cls.from_dict(data)
+        except ConfigError as exc:
+            raise ArtifactError(f"{path}: {exc}") from None
+        problem = manifest._shape_problem()
+        if problem:
+            raise ArtifactError(f"{path}: {problem}")
+        return manifest
+
+    def _shape_problem(self) -> str | None:
+        """What is structurally wrong with a loaded manifest, if anything (JSON has no types)."""
+        for name, kind in _MANIFEST_TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                return f"field {name!r} should be a {_JSON_NAMES[kind]}"
+        for name, entry in self.files.items():
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("size"), int)
+            ):
+                return f"files entry {name!r} needs a sha256 string and an integer size"
+        return None
+
+    def verify_files(self, export_dir: PathLike, names: Iterable[str] | None = None) -> None:
+        """Check each named file (default: all) against its size and sha256.
+
+        Raises ArtifactError naming the first file that is missing, unlisted, resized or
+        altered.
+        """
+        for name in self.files if names is None else names:
+            path = Path(export_dir) / name
+            entry = self.files.get(name)
+            if entry is None:
+                raise ArtifactError(f"{path}: not listed in the export manifest")
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing")
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise ArtifactError(f"{path}: size {size}, manifest says {entry['size']}")
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise ArtifactError(
+                    f"{path}: sha256 mismatch "
+                    f"(manifest {entry['sha256'][:8]}..., file {digest[:8]}...)"
+                )
+
+
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "files": dict,
+    "inputs": list,
+    "outputs": list,
+    "opset": (int, type(None)),
+    "versions": dict,
+    "parity": dict,
+    "extra": dict,
+}
+_JSON_NAMES = {dict: "JSON object", list: "JSON list", (int, type(None)): "integer or null"}
+
+
+def mark_failed(path: PathLike, report: dict[str, Any] | None = None) -> Path:
+    """Move an artifact that failed its checks aside to `<name>.failed`, so it is never served.
+
+    An older `.failed` file or directory of that name is replaced. With `report`, it is
+    written beside it as `<name>.failed.json` (for example a parity report's `to_dict()`).
+    Returns the new path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing")
+    target = path.with_name(path.name + ".failed")
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    os.replace(path, target)
+    if report is not None:
+        atomic_write_json(target.with_name(target.name + ".json"), report)
+    return target

@@ -1,0 +1,227 @@
+"""The `mmdeploy` command line: parses, calls the library, prints.
+
+Every `MmdeployError` becomes one line on stderr and exit status 1; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import ConfigError, MmdeployError
+from .registry import ADAPTERS
+
+
+def _batch_range(text: str) -> tuple[int, int, int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter("expected MIN,OPT,MAX, e.g. 1,8,64") from None
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise click.BadParameter("expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX")
+    return values[0], values[1], values[2]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mm-peft-deploy", prog_name="mmdeploy")
+def cli() -> None:
+    """Train adapters on a frozen vision-language backbone, export verified engines, serve.
+
+    \b
+    mmdeploy train  --adapter hmmoe --data demo --backbone tiny --out runs/hmmoe-demo
+    mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx
+    mmdeploy verify runs/hmmoe-demo
+    mmdeploy infer  runs/hmmoe-demo images/ -o preds.jsonl
+    mmdeploy info   runs/hmmoe-demo
+    """
+
+
+@cli.command()
+@click.option("--adapter", required=True, type=click.Choice(sorted(ADAPTERS)),
+              help="Adapter to train (baselines: linear-probe, lora, zero-shot).")
+@click.option("--data", "source", default="demo", show_default=True,
+              help="`demo`, an image folder (one subfolder per class) or a CSV/JSONL manifest.")
+@click.option("--backbone", default="tiny", show_default=True,
+              help="`tiny`, a local CLIP checkpoint directory, or VISION_DIR,TEXT_DIR.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--shots", type=int, default=16, show_default=True,
+              help="Training images per class; 0 = the whole training pool.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds initialisation and data order.")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="Seeds the train/val/test split.")
+@click.option("--ewc-lambda", type=float, default=0.0, show_default=True,
+              help="EWC strength (0 = off).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Adapter option, repeatable (see `mmdeploy options ADAPTER`).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint (other options ignored).")
+def train(adapter, source, backbone, out, shots, epochs, max_steps, batch_size, lr, seed,
+          split_seed, ewc_lambda, options, overwrite, resume) -> None:
+    """Train an adapter on the frozen backbone; the best epoch on validation is kept.
+
+    \b
+    Example:
+      mmdeploy train --adapter hmmoe --data demo --backbone tiny --out runs/hmmoe-demo \\
+          --shots 16 --epochs 10 --option rank=8 --option top_k=2
+    """
+    from .config import BackboneConfig, DataConfig, TrainConfig, parse_overrides
+    from .registry import adapter_class
+    from .trainers.run import new_run, run_training
+
+    if not resume:
+        overrides = parse_overrides(adapter_class(adapter).config_class, options)
+        new_run(out, adapter, overrides, BackboneConfig(spec=backbone),
+                DataConfig(source=source, shots=shots, split_seed=split_seed),
+                TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                            seed=seed, ewc_lambda=ewc_lambda), overwrite=overwrite)
+    run, result = run_training(out, resume=resume)
+    share = result.parameters["trainable_share"]
+    click.echo(f"{run.adapter}: best val accuracy {result.best_val_accuracy:.4f} (step "
+               f"{result.best_step}), test accuracy {result.test_accuracy:.4f}, "
+               f"{result.parameters['trainable']:,} trainable parameters ({share:.2%} of the "
+               f"backbone), {result.steps} steps in {result.seconds:.1f} s -> {out}")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Choice(sorted(ADAPTERS)))
+def options(adapter) -> None:
+    """List an adapter's options and their defaults (set them with `train --option`)."""
+    from .config import describe_options
+    from .registry import adapter_class
+
+    click.echo(describe_options(adapter_class(adapter).config_class).replace(" ", "\n"))
+
+
+@cli.command()
+@click.option("--run", "run_path", type=click.Path(path_type=Path), required=True,
+              help="Run directory made by `mmdeploy train`.")
+@click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default=None,
+              help="Expected adapter of the run (checked).")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help="Comma-separated export formats.")
+@click.option("--batch-range", default="1,8,32", show_default=True,
+              help="MIN,OPT,MAX batch of the dynamic axis; parity runs at MIN, an odd batch "
+                   "and MAX.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="`tensorrt` turns the op lint's findings into errors.")
+def export(run_path, adapter, formats, batch_range, target) -> None:
+    """Merge, freeze and compile a run; publish only what passes parity.
+
+    \b
+    Example:
+      mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx --batch-range 1,8,32
+    """
+    from .artifacts import RunDir
+    from .config import ExportConfig
+    from .exporters.export import export_run
+    from .runs import load_run_config
+
+    run = load_run_config(RunDir(run_path))
+    if adapter is not None and adapter != run.adapter:
+        raise ConfigError(f"{run_path} holds a {run.adapter!r} adapter, not {adapter!r}")
+    low, opt, high = _batch_range(batch_range)
+    config = ExportConfig(formats=tuple(f.strip() for f in formats.split(",")), batch_min=low,
+                          batch_opt=opt, batch_max=high, target=target)
+    manifest = export_run(run_path, config.formats, config, log=click.echo)
+    click.echo(f"exported {', '.join(sorted(manifest.files))} -> {RunDir(run_path).export_dir}")
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(path_type=Path))
+def verify(run_path) -> None:
+    """Re-check every exported backend: file hashes, then parity against PyTorch on fresh
+    random inputs and real images. Exit status 1 if any fails.
+
+    \b
+    Example:
+      mmdeploy verify runs/hmmoe-demo
+    """
+    from .exporters.verify import verify_run
+
+    reports = verify_run(run_path, log=click.echo)
+    failed = [r.backend for r in reports if not r.passed]
+    if failed:
+        click.echo(f"error: parity failed for {', '.join(failed)}", err=True)
+        sys.exit(1)
+    click.echo(f"all {len(reports)} exported backend(s) pass parity")
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Rows out: .jsonl or .csv.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default=None,
+              help="Default: the fastest one present, and it says why.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--resume", is_flag=True, help="Keep rows already in OUTPUT; skip those inputs.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrite) -> None:
+    """Batch inference over folders, globs or manifests; one row per file.
+
+    \b
+    Example:
+      mmdeploy infer runs/hmmoe-demo photos/ 'more/*.jpg' list.csv -o preds.jsonl
+    """
+    from .data import list_inputs
+    from .inference import run_inference
+    from .runtime import load_predictor, pick_backend
+
+    if output.suffix.lower() not in (".jsonl", ".csv"):
+        raise ConfigError(f"{output}: output must end in .jsonl or .csv")
+    if output.exists() and not (resume or overwrite):
+        raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
+    samples = [s for spec in inputs for s in list_inputs(spec)]
+    chosen, skipped = pick_backend(run_path, backend)
+    for reason in skipped:
+        click.echo(f"not using {reason}", err=True)
+    predictor = load_predictor(run_path, chosen)
+    click.echo(f"backend: {chosen}", err=True)
+    summary = run_inference(predictor, samples, output, batch_size, top_k, resume=resume)
+    click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.skipped} "
+               f"already done) in {summary.seconds:.1f} s -> {output}")
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(run_path, as_json) -> None:
+    """What is in a run: adapter, classes, parameters, exported files, parity.
+
+    \b
+    Example:
+      mmdeploy info runs/hmmoe-demo --json
+    """
+    from .info import describe_run
+
+    details = describe_run(run_path)
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    for key, value in details.items():
+        click.echo(f"{key}: {value if not isinstance(value, dict | list) else json.dumps(value)}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MmdeployError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,292 @@
+"""Labelled datasets (bundled demo set, image folders, CSV/JSONL manifests), few-shot splits
+and the list of inputs for batch inference.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError, InputError
+from .images import load_image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl")
+DEMO = "demo"
+_DEMO_FILE = "animal_silhouettes.npz"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image. Equality and hashing use everything but the pixels (`name` is the id)."""
+
+    name: str  # the file path as given/resolved, or "demo:<index>"
+    image: str | np.ndarray = field(compare=False, repr=False)  # a path, or uint8 pixels
+    label: int = -1  # -1 when unknown (inference inputs)
+    caption: str | None = None
+
+
+@dataclass
+class LabeledSet:
+    samples: list[Sample]
+    class_names: list[str]
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    class_names: list[str]
+
+
+def demo_path() -> pathlib.Path:
+    """Path of the bundled demo set inside the installed package."""
+    return pathlib.Path(str(resources.files("mmdeploy.assets") / _DEMO_FILE))
+
+
+def read_image(sample: Sample) -> Image.Image:
+    """Decode a sample to RGB; errors name `sample.name`."""
+    return load_image(sample.image, name=sample.name)
+
+
+# --------------------------------------------------------------------------- labelled data
+
+
+def load_labeled(source: str) -> LabeledSet:
+    """Load `demo`, a folder with one subfolder per class, or a `.csv`/`.jsonl` manifest."""
+    if source == DEMO:
+        return _load_demo()
+    path = pathlib.Path(source)
+    if path.is_dir():
+        return _load_folder(path)
+    if not path.exists():
+        raise InputError(f"{source}: no such file or folder")
+    if path.suffix.lower() not in MANIFEST_EXTENSIONS:
+        raise InputError(f"{source}: expected '{DEMO}', an image folder or a .csv/.jsonl manifest")
+    return _load_manifest(path)
+
+
+def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
+    rows = [
+        (where, _resolve(manifest, row["path"]), row)
+        for where, row in _manifest_rows(manifest, required=("path", "label"))
+    ]
+    if not rows:
+        raise InputError(f"{manifest}: manifest has no rows")
+    for where, image, _ in rows:  # fail before training starts, not in the middle of an epoch
+        if not image.is_file():
+            raise InputError(f"{where}: {image}: no such file")
+    class_names = sorted({row["label"] for _, _, row in rows})
+    index = {name: i for i, name in enumerate(class_names)}
+    samples = [
+        Sample(str(image), str(image), index[row["label"]], row.get("caption"))
+        for _, image, row in rows
+    ]
+    return LabeledSet(samples, class_names)
+
+
+def _load_demo() -> LabeledSet:
+    with np.load(demo_path(), allow_pickle=False) as archive:
+        images, labels = archive["images"], archive["labels"]
+        class_names = [str(name) for name in archive["class_names"]]
+    samples = [Sample(f"demo:{i}", images[i], int(labels[i])) for i in range(len(labels))]
+    return LabeledSet(samples, class_names)
+
+
+def _load_folder(root: pathlib.Path) -> LabeledSet:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    if not class_dirs:
+        raise InputError(f"{root}: no class subfolders (expected one subfolder per class)")
+    samples = []
+    for label, class_dir in enumerate(class_dirs):
+        files = [p for p in _walk_files(class_dir) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise InputError(f"{class_dir}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        samples += [Sample(str(p), str(p), label) for p in files]
+    return LabeledSet(samples, [p.name for p in class_dirs])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def make_splits(
+    data: LabeledSet, shots: int, val_per_class: int, test_per_class: int, seed: int
+) -> Splits:
+    """Split each class into test, val and a train pool; take `shots` of the pool (0 = all).
+
+    The order within a class is a permutation keyed by `seed` and each sample's name, so the
+    split does not depend on `shots` (the 4-shot set is a subset of the 16-shot set) nor on
+    the numpy or Python version. Lists are class-major, in that permuted order.
+    """
+    for option, value in (
+        ("shots", shots),
+        ("val_per_class", val_per_class),
+        ("test_per_class", test_per_class),
+    ):
+        if value < 0:
+            raise ConfigError(f"{option} must be >= 0, got {value}")
+    by_class: list[list[Sample]] = [[] for _ in data.class_names]
+    for sample in data.samples:
+        if not 0 <= sample.label < len(by_class):
+            raise InputError(f"{sample.name}: label {sample.label} is not a class index")
+        by_class[sample.label].append(sample)
+    needed = test_per_class + val_per_class + max(shots, 1)
+    short = [
+        f"{data.class_names[c]!r} has {len(members)}"
+        for c, members in enumerate(by_class)
+        if len(members) < needed
+    ]
+    if short:
+        raise InputError(
+            f"too few images per class: {', '.join(short)}; need {needed} "
+            f"(test {test_per_class} + val {val_per_class} + train {max(shots, 1)})"
+        )
+    splits = Splits([], [], [], list(data.class_names))
+    for members in by_class:
+        ordered = sorted(members, key=lambda s: _shuffle_key(seed, s.name))
+        pool = ordered[test_per_class + val_per_class :]
+        splits.test += ordered[:test_per_class]
+        splits.val += ordered[test_per_class : test_per_class + val_per_class]
+        splits.train += pool[:shots] if shots else pool
+    return splits
+
+
+def _shuffle_key(seed: int, name: str) -> bytes:
+    return hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+
+
+# --------------------------------------------------------------------------- inference inputs
+
+
+def list_inputs(spec: str) -> list[Sample]:
+    """Inputs for batch inference: a folder (recursive), a glob, a manifest or one file.
+
+    Nothing is decoded here: a file that is not an image becomes an error row later.
+    """
+    path = pathlib.Path(spec)
+    if path.is_dir():
+        samples = [_unlabeled(p) for p in _walk_files(path)]
+    elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
+        rows = _manifest_rows(path, required=("path",))
+        samples = [_unlabeled(_resolve(path, row["path"])) for _, row in rows]
+    elif path.is_file():
+        samples = [_unlabeled(spec)]
+    else:
+        matches = sorted(glob.glob(spec, recursive=True))
+        samples = [_unlabeled(m) for m in matches if os.path.isfile(m)]
+    if not samples:
+        raise InputError(f"no input files found in {spec}")
+    return samples
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unlabeled(path: str | os.PathLike) -> Sample:
+    return Sample(str(path), str(path))
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """Every regular, non-hidden file under `root`, sorted.
+
+    Directory symlinks are followed once: a directory already visited (same device and
+    inode) is not entered again, which ends symlink loops.
+    """
+    seen: set[tuple[int, int]] = set()
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        files += [
+            pathlib.Path(folder, n)
+            for n in names
+            if not _hidden(n) and os.path.isfile(os.path.join(folder, n))
+        ]
+    return sorted(files)
+
+
+def _resolve(manifest: pathlib.Path, image: str) -> pathlib.Path:
+    """A manifest's relative paths are relative to the manifest's folder."""
+    return manifest.parent / image
+
+
+def _manifest_rows(
+    path: pathlib.Path, required: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield (`file:line`, row) with the required keys and, when given, `caption`."""
+    text = _read_text(path)
+    is_csv = path.suffix.lower() == ".csv"
+    rows = _csv_rows(path, text, required) if is_csv else _jsonl_rows(path, text)
+    for where, row in rows:
+        for key in required:
+            value = row.get(key)
+            if not isinstance(value, str) or not value:
+                raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        caption = row.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise InputError(f"{where}: 'caption' must be a string, got {caption!r}")
+        yield where, {k: row[k] for k in (*required, "caption") if row.get(k)}
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text at byte {exc.start} (manifests must be UTF-8)"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _csv_rows(
+    path: pathlib.Path, text: str, required: tuple[str, ...]
+) -> Iterator[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
+    try:
+        columns = reader.fieldnames or []
+        for key in required:
+            if key not in columns:
+                raise InputError(
+                    f"{path}: missing required column {key!r} (columns: "
+                    f"{', '.join(columns) or 'none'})"
+                )
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+    except csv.Error as exc:
+        raise InputError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
+
+
+def _jsonl_rows(path: pathlib.Path, text: str) -> Iterator[tuple[str, dict]]:
+    # split on newlines only: str.splitlines() would also cut at U+2028 inside a JSON string
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: bad JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row

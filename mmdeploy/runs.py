@@ -1,0 +1,69 @@
+"""A run: what was trained (adapter_config.json) and how to rebuild the model from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .artifacts import RunDir, load_safetensors, read_json
+from .backbone import Backbone, load_backbone
+from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
+from .errors import ArtifactError, ConfigError
+from .registry import adapter_class
+
+
+@dataclass
+class RunConfig(ConfigBase):
+    """Everything `adapter_config.json` records; enough to rebuild the model exactly."""
+
+    adapter: str
+    adapter_config: dict
+    backbone: BackboneConfig
+    backbone_identity: dict
+    data: DataConfig
+    train: TrainConfig
+    class_names: list[str]
+    preprocessing: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
+    package_version: str = __version__
+
+    def typed_adapter_config(self) -> ConfigBase:
+        return adapter_class(self.adapter).config_class.from_dict(self.adapter_config)
+
+
+def build_model(run: RunConfig, backbone: Backbone):
+    """A fresh (untrained) adapted model for this run on this backbone."""
+    cls = adapter_class(run.adapter)
+    try:
+        return cls(backbone, run.typed_adapter_config(), run.class_names,
+                   run.data.prompt_template)
+    except ValueError as exc:
+        raise ConfigError(f"adapter {run.adapter!r}: {exc}") from None
+
+
+def load_run_config(run_dir: RunDir) -> RunConfig:
+    run_dir.require()
+    try:
+        return RunConfig.from_dict(read_json(run_dir.config_path))
+    except ConfigError as exc:
+        raise ArtifactError(f"{run_dir.config_path}: {exc}") from None
+
+
+def load_model(path: str | Path, backbone: Backbone | None = None):
+    """The trained model of a run, in eval mode, on the backbone it was trained on."""
+    run_dir = RunDir(Path(path))
+    run = load_run_config(run_dir)
+    if backbone is None:
+        backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
+    elif backbone.identity != run.backbone_identity:
+        from .errors import BackboneMismatchError
+
+        raise BackboneMismatchError(f"{path} was trained on another backbone")
+    model = build_model(run, backbone)
+    state = load_safetensors(run_dir.weights_path)
+    try:
+        model.load_adapter_state_dict(state)
+    except KeyError as exc:
+        raise ArtifactError(f"{run_dir.weights_path}: {exc.args[0]}") from None
+    return model.eval(), run

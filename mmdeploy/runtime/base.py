@@ -1,0 +1,61 @@
+"""The one interface every runtime backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..artifacts import RunDir
+from ..errors import InputError
+from ..images import Preprocessor
+from ..runs import RunConfig, load_run_config
+
+
+class Predictor(ABC):
+    """`predict(images) -> (probs, labels)` on one backend; preprocessing is shared.
+
+    Subclasses implement `run` on preprocessed pixels [B, 3, H, W] float32 and return the
+    exported outputs (`logits` [B, C], `embeddings` [B, D]).
+    """
+
+    backend: str = ""
+
+    def __init__(self, run_path: str | Path):
+        self.run_dir = RunDir(Path(run_path))
+        self.run: RunConfig = load_run_config(self.run_dir)
+        self.class_names = self.run.class_names
+        self.preprocessor = Preprocessor.from_dict(self.run.preprocessing)
+        self.batch_range = (1, None)  # inclusive; None = unbounded
+
+    @abstractmethod
+    def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Exported outputs for preprocessed pixels."""
+
+    def check_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Refuse a tensor this predictor cannot take, naming what it expected."""
+        height, width = self.preprocessor.image_size
+        expected = (3, height, width)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                             f"[batch, {', '.join(map(str, expected))}]")
+        low, high = self.batch_range
+        batch = pixel_values.shape[0]
+        if batch < low or (high is not None and batch > high):
+            raise InputError(f"batch {batch} is outside the export's range {low}..{high}")
+        return np.ascontiguousarray(pixel_values, dtype=np.float32)
+
+    def predict(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [B, C] and top-1 label indices [B] for decoded RGB images."""
+        pixels = self.preprocessor(images)
+        logits = self.run_pixels(self.check_pixels(pixels))["logits"]
+        probs = _softmax(logits)
+        return probs, probs.argmax(-1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(-1, keepdims=True)

@@ -1,0 +1,137 @@
+"""What every adapter shares: the frozen backbone, the class prompts, the head, and the
+switch from the training form to the deploy form.
+
+An adapter subclasses `AdaptedModel`, declares its `config_class`, and implements
+`encode_images`. `forward` returns `(logits, embeddings)` in both forms; `to_deploy()`
+turns the model, in place, into the form that exports: text-side results become constant
+buffers (so serving runs no text tower), LoRA weights are merged, and adapters switch to
+their export-friendly form.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdeploy.backbone import Backbone
+from mmdeploy.config import ConfigBase
+
+
+class AdaptedModel(nn.Module):
+    config_class: ClassVar[type[ConfigBase]]
+    uses_cosine_head: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, config: ConfigBase, class_names: list[str],
+                 prompt_template: str):
+        super().__init__()
+        if getattr(backbone, "adapted_by", None) is not None:
+            # Adapters hook into the towers' modules: two models on one backbone would both run.
+            raise ValueError("this backbone already carries an adapter; load a fresh one")
+        backbone.adapted_by = type(self).__name__
+        self.backbone = backbone
+        self.config = config
+        self.class_names = list(class_names)
+        self.prompts = [prompt_template.format(name) for name in self.class_names]
+        self.prompt_tokens = backbone.tokenize(self.prompts)
+        self.deployed = False
+        self.text_loras: nn.ModuleDict | None = None
+        if self.uses_cosine_head:
+            self.logit_scale = nn.Parameter(torch.tensor(float(backbone.logit_scale_init)))
+            needs_projection = (backbone.visual_projection is None
+                                or backbone.image_embed_dim != backbone.text_embed_dim)
+            self.image_to_text = (nn.Linear(backbone.image_embed_dim, backbone.text_embed_dim)
+                                  if needs_projection else None)
+
+    # -- implemented by each adapter -------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, D] before normalisation."""
+        raise NotImplementedError
+
+    def freeze_adapter(self) -> None:
+        """Adapter-specific part of `to_deploy` (bake constants, switch forms)."""
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Training-only loss terms of the adapter (e.g. MoE load balancing)."""
+        return torch.zeros(())
+
+    # -- shared ----------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shapes: pixel_values [B, 3, H, W] -> logits [B, C], embeddings [B, D] (unit norm)."""
+        embeddings = self.encode_images(pixel_values)
+        if self.uses_cosine_head and self.image_to_text is not None:
+            embeddings = self.image_to_text(embeddings)
+        embeddings = F.normalize(embeddings, dim=-1)
+        return self.head(embeddings), embeddings
+
+    def head(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """CLIP-style scaled cosine against the class-prompt embeddings."""
+        return self.logit_scale.exp() * embeddings @ self.class_embeddings().T
+
+    def class_embeddings(self) -> torch.Tensor:
+        """Unit-norm class-prompt embeddings [C, D]; a constant buffer once deployed."""
+        if self.deployed:
+            return self.frozen_class_embeddings
+        pooled, _ = self.encode_prompts()
+        return F.normalize(pooled, dim=-1)
+
+    def encode_prompts(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Pooled prompt features [C, D] and the text tower's hidden states, per block.
+
+        Recomputed on every call while a text-tower LoRA is attached (it may be training);
+        cached otherwise, since the frozen tower gives the same answer every time.
+        """
+        cached = getattr(self, "_prompt_cache", None)
+        if cached is not None:
+            return cached
+        grad = self.text_loras is not None and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            result = self.backbone.encode_text(self.prompt_tokens)
+        if self.text_loras is None:
+            self._prompt_cache = result
+        return result
+
+    @torch.no_grad()
+    def to_deploy(self) -> AdaptedModel:
+        """Turn this model, in place, into its deploy form and return it (in eval mode)."""
+        from .lora import merge_lora
+
+        self.eval()
+        if self.uses_cosine_head:
+            self.register_buffer("frozen_class_embeddings", self.class_embeddings().detach(),
+                                 persistent=False)
+        self.freeze_adapter()
+        if self.text_loras is not None:
+            merge_lora(self.backbone.text, self.text_loras)
+            self.text_loras = None
+        self._prompt_cache = None
+        self.backbone.text = None  # serving runs no text tower
+        self.deployed = True
+        return self
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only: what `adapter_model.safetensors` holds."""
+        return {name: p.detach().contiguous() for name, p in self.named_parameters()
+                if p.requires_grad}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(f"adapter weights do not fit this model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if params[name].shape != tensor.shape:
+                    raise KeyError(f"{name}: shape {tuple(tensor.shape)}, model expects "
+                                   f"{tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+    def parameter_report(self) -> dict[str, float]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        backbone = self.backbone.num_parameters()
+        return {"trainable": trainable, "backbone": backbone,
+                "trainable_share": trainable / backbone}

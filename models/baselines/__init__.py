@@ -1,0 +1,1 @@
+"""Baselines: zero-shot prompts, a linear probe, LoRA on the image tower."""

@@ -1,0 +1,57 @@
+"""Baselines in the same trainer and export path as the adapters, for honest comparison."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmdeploy.backbone import Backbone
+
+from ..base import AdaptedModel
+from ..lora import attach_lora, merge_lora
+from .config import LinearProbeConfig, LoRAConfig, ZeroShotConfig
+
+
+class ZeroShotModel(AdaptedModel):
+    """The frozen backbone's own zero-shot classifier (only the logit scale trains)."""
+
+    config_class = ZeroShotConfig
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.image_features(pixel_values)
+
+
+class LinearProbeModel(AdaptedModel):
+    """Shapes: pixel_values [B, 3, H, W] -> frozen embedding [B, D] -> Linear -> logits [B, C]."""
+
+    config_class = LinearProbeConfig
+    uses_cosine_head = False
+
+    def __init__(self, backbone: Backbone, config: LinearProbeConfig, class_names: list[str],
+                 prompt_template: str):
+        super().__init__(backbone, config, class_names, prompt_template)
+        self.classifier = nn.Linear(backbone.image_embed_dim, len(class_names))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.image_features(pixel_values)
+
+    def head(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.classifier(embeddings)
+
+
+class LoRAModel(AdaptedModel):
+    """LoRA on the image tower's attention; merged into the frozen weights for export."""
+
+    config_class = LoRAConfig
+
+    def __init__(self, backbone: Backbone, config: LoRAConfig, class_names: list[str],
+                 prompt_template: str):
+        super().__init__(backbone, config, class_names, prompt_template)
+        self.image_loras = attach_lora(backbone.vision, config.targets, config.rank, config.alpha)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.image_features(pixel_values)
+
+    def freeze_adapter(self) -> None:
+        merge_lora(self.backbone.vision, self.image_loras)
+        del self.image_loras

@@ -1,0 +1,82 @@
+"""HMMoE attached to a frozen image tower.
+
+In each of the last L blocks the adapter runs in parallel with the FFN:
+    y = x + attn(ln1(x));  y = y + ffn(ln2(y)) + s * HMMoE(ln2(y), context_l)
+implemented as a forward hook on the block's `mlp` (its input is ln2(y)), so the backbone's
+modules and checkpoint keys are untouched.
+
+context_l is the text side at the same relative depth: the class prompts' hidden states
+after text block round((l + 1) * N_text / N_image), mean-pooled over their tokens, one
+context token per class. They depend only on the label set, so `to_deploy` bakes them in as
+constant buffers and the exported graph runs no text tower.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from mmdeploy.backbone import Backbone
+
+from ..base import AdaptedModel
+from ..lora import attach_lora
+from .config import HMMoEConfig
+from .layer import HMMoELayer
+
+TEXT_LORA_TARGETS = ("q_proj", "v_proj", "query", "value")
+
+
+class HMMoEModel(AdaptedModel):
+    config_class = HMMoEConfig
+
+    def __init__(self, backbone: Backbone, config: HMMoEConfig, class_names: list[str],
+                 prompt_template: str):
+        super().__init__(backbone, config, class_names, prompt_template)
+        blocks = backbone.vision_blocks()
+        if not 1 <= config.num_layers <= len(blocks):
+            raise ValueError(f"num_layers must be 1..{len(blocks)} for this image tower")
+        if not all(hasattr(block, "mlp") for block in blocks):
+            raise ValueError(f"{type(blocks[0]).__name__} has no `mlp` to run HMMoE beside")
+        image_depth, text_depth = len(blocks), len(backbone.text_blocks())
+        self.image_layers = list(range(image_depth - config.num_layers, image_depth))
+        # hidden_states[0] is the embedding output, so block j's output is index j + 1.
+        self.text_layers = [max(1, round((i + 1) * text_depth / image_depth))
+                            for i in self.image_layers]
+        self.adapters = nn.ModuleList(
+            HMMoELayer(backbone.vision_width, backbone.text_width, config)
+            for _ in self.image_layers)
+        for position, index in enumerate(self.image_layers):
+            blocks[index].mlp.register_forward_hook(functools.partial(self._run_adapter, position))
+        if config.text_lora_rank > 0:
+            self.text_loras = attach_lora(backbone.text, TEXT_LORA_TARGETS,
+                                          config.text_lora_rank, config.text_lora_alpha)
+
+    def _run_adapter(self, position: int, mlp: nn.Module, inputs: tuple,
+                     output: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[position]
+        return output + self.config.scale * adapter(inputs[0], self.context(position))
+
+    def context(self, position: int) -> torch.Tensor:
+        """Context tokens [1, C, text_width] for adapter `position`."""
+        if self.deployed:
+            return getattr(self, f"frozen_context_{position}")
+        _, hidden_states = self.encode_prompts()
+        states = hidden_states[self.text_layers[position]]
+        mask = self.prompt_tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1)
+        return pooled.unsqueeze(0)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.image_features(pixel_values)
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """The routers' load-balancing losses (each already weighted by its config)."""
+        return sum(adapter.aux_loss for adapter in self.adapters)
+
+    def freeze_adapter(self) -> None:
+        for position, adapter in enumerate(self.adapters):
+            self.register_buffer(f"frozen_context_{position}",
+                                 self.context(position).detach(), persistent=False)
+            adapter.deploy_form = True
