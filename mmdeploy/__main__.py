@@ -1,0 +1,5 @@
+"""`python -m mmdeploy` is the `mmdeploy` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""Backbones: tiny built and reloaded like a real checkpoint, separate towers, identity."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
+
+from mmdeploy.backbone import _tiny_image_processor, _tiny_tokenizer, load_backbone
+from mmdeploy.config import BackboneConfig
+from mmdeploy.errors import BackboneMismatchError, ConfigError
+from mmdeploy.models.hmmoe.config import HMMoEConfig
+from mmdeploy.models.hmmoe.model import HMMoEModel
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "cache")
+
+
+def test_tiny_is_a_saved_checkpoint_with_tokenizer_and_processor(cache):
+    backbone = load_backbone(BackboneConfig(cache_dir=cache))
+    files = {p.name for p in (Path(cache) / "tiny-clip-seed0").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json",
+            "preprocessor_config.json"} <= files
+    assert backbone.preprocessor.image_size == (32, 32)
+    tokens = backbone.tokenize(["a photo of a zebra."])
+    assert tokens["input_ids"].shape[1] > 5
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_tiny_is_reproducible_and_identity_checked(cache, tmp_path):
+    first = load_backbone(BackboneConfig(cache_dir=cache))
+    rebuilt = load_backbone(BackboneConfig(cache_dir=str(tmp_path / "other")))
+    assert first.identity == rebuilt.identity
+    other_seed = load_backbone(BackboneConfig(cache_dir=cache, tiny_seed=1))
+    assert other_seed.identity["weights_sha256"] != first.identity["weights_sha256"]
+    with pytest.raises(BackboneMismatchError, match="trained on backbone"):
+        load_backbone(BackboneConfig(cache_dir=cache, tiny_seed=1),
+                      expected_identity=first.identity)
+
+
+def test_frozen_towers_stay_in_eval_mode(cache):
+    model = HMMoEModel(load_backbone(BackboneConfig(cache_dir=cache)), HMMoEConfig(),
+                       ["a", "b"], "{}")
+    model.train()
+    assert not model.backbone.training and not model.backbone.vision.training
+    assert model.adapters[0].training
+
+
+def test_separate_vision_and_text_towers(tmp_path):
+    """A ViT-style image tower and a BERT text tower of another width, as GA-Net's code uses."""
+    vision_dir, text_dir = tmp_path / "vision", tmp_path / "text"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                     num_attention_heads=2, image_size=32, patch_size=8)
+                    ).save_pretrained(vision_dir)
+    _tiny_image_processor().save_pretrained(vision_dir)
+    tokenizer = _tiny_tokenizer()
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=80,
+                         max_position_embeddings=64)).save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+
+    backbone = load_backbone(BackboneConfig(spec=f"{vision_dir},{text_dir}"))
+    assert (backbone.vision_width, backbone.text_width) == (48, 40)
+    model = HMMoEModel(backbone, HMMoEConfig(num_layers=3), ["cat", "dog"], "a {}").eval()
+    logits, embeddings = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 2) and embeddings.shape == (3, 40)
+    assert model.text_layers == [1, 1, 2]  # proportional depth: 3 image blocks, 2 text blocks
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_backbone(BackboneConfig(spec=str(tmp_path)))
