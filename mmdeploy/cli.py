@@ -48,17 +48,19 @@ def cli() -> None:
 @click.option("--backbone", default="tiny", show_default=True,
               help="`tiny`, a local CLIP checkpoint directory, or VISION_DIR,TEXT_DIR.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
-@click.option("--shots", type=int, default=16, show_default=True,
+@click.option("--shots", type=click.IntRange(min=0), default=16, show_default=True,
               help="Training images per class; 0 = the whole training pool.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds initialisation and data order.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seeds the train/val/test split.")
-@click.option("--ewc-lambda", type=float, default=0.0, show_default=True,
+@click.option("--ewc-lambda", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="EWC strength (0 = off).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Adapter option, repeatable (see `mmdeploy options ADAPTER`).")
@@ -95,7 +97,12 @@ def train(adapter, source, backbone, out, shots, epochs, max_steps, batch_size, 
 @cli.command()
 @click.argument("adapter", type=click.Choice(sorted(ADAPTERS)))
 def options(adapter) -> None:
-    """List an adapter's options and their defaults (set them with `train --option`)."""
+    """List an adapter's options and their defaults (set them with `train --option`).
+
+    \b
+    Example:
+      mmdeploy options hmmoe
+    """
     from .config import describe_options
     from .registry import adapter_class
 
@@ -163,8 +170,8 @@ def verify(run_path) -> None:
               help="Rows out: .jsonl or .csv.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default=None,
               help="Default: the fastest one present, and it says why.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--resume", is_flag=True, help="Keep rows already in OUTPUT; skip those inputs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrite) -> None:
@@ -180,6 +187,8 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrit
 
     if output.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{output}: output must end in .jsonl or .csv")
+    if not output.parent.is_dir():
+        raise ConfigError(f"{output}: folder {output.parent} does not exist")
     if output.exists() and not (resume or overwrite):
         raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
     samples = [s for spec in inputs for s in list_inputs(spec)]

@@ -22,6 +22,8 @@ def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: Bac
     adapter_config = config_cls.from_dict(adapter_options)
     backbone = load_backbone(backbone_config)
     data = load_labeled(data_config.source)
+    d = data_config  # fail on an impossible split before anything is written
+    make_splits(data, d.shots, d.val_per_class, d.test_per_class, d.split_seed)
     run_dir = RunDir(Path(out))
     run_dir.prepare_new(overwrite)
     run = RunConfig(adapter=adapter, adapter_config=adapter_config.to_dict(),

@@ -1,0 +1,181 @@
+"""Shared fixtures: an isolated cache, one tiny trained + exported run, real image files.
+
+The environment is set when this module is imported, before any test (or anything a test
+starts) can build the tiny backbone: nothing is downloaded, and the tiny CLIP is built once
+per session in a temporary cache instead of the user's ~/.cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_CACHE = tempfile.mkdtemp(prefix="mmdeploy-test-cache-")
+atexit.register(lambda: shutil.rmtree(_CACHE, ignore_errors=True))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MMDEPLOY_CACHE"] = _CACHE
+
+TINY_STEPS = 20
+
+
+@dataclass
+class CliResult:
+    """What one `mmdeploy` invocation did: exit status and what it printed."""
+
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+    def __str__(self) -> str:  # what an assertion failure shows
+        return (f"mmdeploy {' '.join(self.args)} -> exit {self.code}\n"
+                f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}")
+
+
+def run_cli(args: list[str]) -> CliResult:
+    """Run `mmdeploy ARGS` in this process through `mmdeploy.cli.main`, the console script's
+    entry point (so typed errors are mapped to `error: ...` and exit 1 exactly as for a user).
+    """
+    from click.testing import CliRunner
+
+    from mmdeploy.cli import main
+
+    args = [str(a) for a in args]
+    saved_argv = sys.argv
+    code = 0
+    with CliRunner().isolation() as (stdout, stderr, _):
+        sys.argv = ["mmdeploy", *args]
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.argv = saved_argv
+            sys.stdout.flush()
+            sys.stderr.flush()
+        out = stdout.getvalue().decode("utf-8", "replace")
+        err = stderr.getvalue().decode("utf-8", "replace")
+    return CliResult(args, code, out, err)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli([...])` runs the mmdeploy command line in-process and returns a `CliResult`."""
+    return run_cli
+
+
+def assert_one_error(result: CliResult, *fragments: str, code: int = 1) -> str:
+    """A failure the user caused: exit `code`, exactly one `error: ...` line naming every
+    fragment, and no traceback."""
+    assert result.code == code, str(result)
+    lines = result.error_lines()
+    assert len(lines) == 1, str(result)
+    assert "Traceback" not in result.output, str(result)
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def expect_error():
+    """`expect_error(result, *fragments, code=1)`: see `assert_one_error`."""
+    return assert_one_error
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` by relative path (to prove nothing was touched)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def digest():
+    """`digest(folder)`: {relative path: sha256} of every file under it."""
+    return tree_digest
+
+
+@dataclass
+class TinyRun:
+    path: Path
+    train: CliResult
+    export: CliResult
+
+
+@pytest.fixture(scope="session")
+def tiny_run_build(tmp_path_factory) -> TinyRun:
+    """One HMMoE run per session: a few steps on the tiny backbone, exported to ONNX."""
+    path = tmp_path_factory.mktemp("runs") / "hmmoe"
+    train = run_cli(["train", "--adapter", "hmmoe", "--out", path, "--max-steps", TINY_STEPS,
+                     "--shots", 4])
+    assert train.code == 0, str(train)
+    export = run_cli(["export", "--adapter", "hmmoe", "--run", path, "--format", "onnx"])
+    assert export.code == 0, str(export)
+    return TinyRun(path, train, export)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_build) -> Path:
+    """The session's trained + exported HMMoE run directory. Read-only: copy it
+    (`run_copy`) before changing anything."""
+    return tiny_run_build.path
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of the session run, for tests that damage it."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+def _extra_images(folder: Path) -> list[Path]:
+    """Grayscale and colour PNG/JPEG at sizes the demo writer does not make."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1234)
+    specs = [
+        ("gray-17x23.png", "L", (17, 23)),
+        ("gray-200x120.jpg", "L", (200, 120)),
+        ("colour-300x200.jpg", "RGB", (300, 200)),
+        ("colour-45x90.png", "RGB", (45, 90)),
+        ("rgba-64x48.png", "RGBA", (64, 48)),
+    ]
+    paths = []
+    for name, mode, (width, height) in specs:
+        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
+        path = folder / name
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """Real image files: held-out images of the bundled set (PNG and JPEG, grayscale and
+    colour, several sizes, one subfolder per class) plus a few odd sizes and an RGBA PNG."""
+    from mmdeploy.demo_images import write_demo_images
+
+    root = tmp_path_factory.mktemp("images")
+    written = write_demo_images(root, count=15)
+    written += _extra_images(root / "extra")
+    assert len(written) == 20
+    return root

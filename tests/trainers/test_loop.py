@@ -1,0 +1,70 @@
+"""The training loop on the tiny backbone: metrics, best-on-validation, NaN guard, seeding."""
+
+import json
+
+import pytest
+import torch
+
+from mmdeploy.artifacts import RunDir, load_safetensors
+from mmdeploy.backbone import load_backbone
+from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
+from mmdeploy.data import load_labeled, make_splits
+from mmdeploy.errors import MmdeployError
+from mmdeploy.runs import RunConfig
+from mmdeploy.trainers import loop
+
+
+@pytest.fixture
+def setup(tmp_path):
+    def make(adapter="linear-probe", **train_options):
+        backbone_config = BackboneConfig(cache_dir=str(tmp_path / "cache"))
+        backbone = load_backbone(backbone_config)
+        data = DataConfig(shots=2, val_per_class=3, test_per_class=3)
+        splits = make_splits(load_labeled("demo"), data.shots, data.val_per_class,
+                             data.test_per_class, data.split_seed)
+        run = RunConfig(adapter=adapter, adapter_config={}, backbone=backbone_config,
+                        backbone_identity=backbone.identity, data=data,
+                        train=TrainConfig(**{"epochs": 3, "batch_size": 8, **train_options}),
+                        class_names=splits.class_names)
+        run_dir = RunDir(tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
+        run_dir.prepare_new(overwrite=False)
+        return run, run_dir, backbone, splits
+
+    return make
+
+
+def records(run_dir):
+    return [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines()]
+
+
+def test_metrics_validation_and_best_selection(setup):
+    run, run_dir, backbone, splits = setup()
+    result = loop.train(run, run_dir, backbone, splits)
+    lines = records(run_dir)
+    steps = [r for r in lines if "loss" in r]
+    vals = [r for r in lines if r.get("event") == "val"]
+    assert len(steps) == result.steps == 3 * 3  # 20 images / batch 8 = 3 steps, 3 epochs
+    assert [v["epoch"] for v in vals] == [0, 1, 2]
+    assert result.best_val_accuracy == max(v["val_accuracy"] for v in vals)
+    assert lines[-1]["event"] == "test" and lines[-1]["best_step"] == result.best_step
+    assert set(load_safetensors(run_dir.weights_path)) == {"classifier.weight",
+                                                           "classifier.bias"}
+
+
+def test_same_seed_same_weights(setup):
+    first = setup(seed=5)
+    second = setup(seed=5)
+    loop.train(*first)
+    loop.train(*second)
+    a, b = (load_safetensors(s[1].weights_path) for s in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_guard_stops_a_diverging_run(setup, monkeypatch):
+    run, run_dir, backbone, splits = setup(max_nan_steps=2)
+    real_cross_entropy = loop.F.cross_entropy
+    monkeypatch.setattr(loop.F, "cross_entropy",
+                        lambda *a, **k: real_cross_entropy(*a, **k) * float("nan"))
+    with pytest.raises(MmdeployError, match="non-finite losses"):
+        loop.train(run, run_dir, backbone, splits)
+    assert len([r for r in records(run_dir) if "loss" in r]) == 2  # skipped, logged, stopped
