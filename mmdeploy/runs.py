@@ -9,7 +9,7 @@ from . import __version__
 from .artifacts import RunDir, load_safetensors, read_json
 from .backbone import Backbone, load_backbone
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, BackboneMismatchError, ConfigError
 from .registry import adapter_class
 
 
@@ -57,8 +57,6 @@ def load_model(path: str | Path, backbone: Backbone | None = None):
     if backbone is None:
         backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     elif backbone.identity != run.backbone_identity:
-        from .errors import BackboneMismatchError
-
         raise BackboneMismatchError(f"{path} was trained on another backbone")
     model = build_model(run, backbone)
     state = load_safetensors(run_dir.weights_path)

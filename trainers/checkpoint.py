@@ -41,7 +41,7 @@ def save_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer, st
     atomic_write_json(run_dir.checkpoint_dir / "state.json", state)
 
 
-def load_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer, schedule,
+def load_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer,
                     ewc_lambda: float) -> tuple[dict, EWC | None]:
     state_path = run_dir.checkpoint_dir / "state.json"
     if not state_path.exists():
@@ -55,10 +55,6 @@ def load_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer, sc
                    if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
         if moments:
             optimizer.state[p] = moments
-    schedule.last_epoch = state["step"]
-    for group, base_lr, factor in zip(optimizer.param_groups, schedule.base_lrs,
-                                      schedule.lr_lambdas, strict=True):
-        group["lr"] = base_lr * factor(state["step"])
     torch.set_rng_state(tensors["rng.torch"])
     ewc = EWC.from_state_dict(tensors, ewc_lambda) if ewc_lambda > 0 else None
     return state, ewc

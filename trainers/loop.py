@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,14 +59,12 @@ def accuracy(model, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int)
     return correct / max(len(labels), 1)
 
 
-def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a pure function of the step (resume-safe)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
@@ -87,8 +84,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
         total_steps = min(total_steps, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(min(cfg.warmup_steps, total_steps), total_steps))
+    warmup = min(cfg.warmup_steps, total_steps)
 
     def task_loss(m, batch) -> torch.Tensor:
         logits, _ = m(batch[0].to(device))
@@ -97,7 +93,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
     ewc = None
     if resume:
-        state, ewc = load_checkpoint(run_dir, model, optimizer, schedule, cfg.ewc_lambda)
+        state, ewc = load_checkpoint(run_dir, model, optimizer, cfg.ewc_lambda)
         truncate_metrics(run_dir, state["step"])
     elif cfg.ewc_lambda > 0 and params:
         model.eval()
@@ -115,6 +111,9 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
             if state["step"] >= total_steps:
                 break
             model.train()
+            lr = learning_rate(state["step"], cfg.lr, warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             batch_ids = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
             with autocast:
                 loss = task_loss(model, (train_x[batch_ids], train_y[batch_ids]))
@@ -133,12 +132,11 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
                     raise MmdeployError(f"training diverged: {state['bad_steps']} non-finite "
                                         f"losses in a row at step {state['step']}; lower --lr")
                 grad_norm = torch.tensor(float("nan"))
-            schedule.step()
             state["step"] += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             _log(run_dir, {"step": state["step"], "epoch": epoch, "loss": loss.item(),
-                           "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm)})
+                           "lr": lr, "grad_norm": float(grad_norm)})
             end_of_epoch = index == steps_per_epoch - 1 or state["step"] == total_steps
             if end_of_epoch:
                 _validate(model, run_dir, val_x, val_y, cfg.batch_size, state, epoch)
