@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json
 from mmdeploy.backbone import load_backbone
@@ -69,7 +70,7 @@ def run_parity(backend: str, precision: str, reference, candidate: Callable,
                cases: list[tuple[str, torch.Tensor]]) -> ParityReport:
     checks = []
     with torch.inference_mode():
-        for kind, pixels in cases:
+        for kind, pixels in tqdm(cases, desc=f"parity {backend}", unit="case", leave=False):
             logits, embeddings = reference(pixels)
             expected = {"logits": logits.numpy(), "embeddings": embeddings.numpy()}
             checks.append((kind, len(pixels), expected, candidate(pixels.numpy())))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import onnx
@@ -25,11 +28,12 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     started = time.perf_counter()
     batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
-    torch.onnx.export(
-        model, (sample,), str(path), dynamo=True, opset_version=opset,
-        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-        dynamic_shapes={"pixel_values": {0: batch}},
-        external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
+    with _quiet_exporter():
+        torch.onnx.export(
+            model, (sample,), str(path), dynamo=True, opset_version=opset,
+            input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            dynamic_shapes={"pixel_values": {0: batch}},
+            external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
     seconds = time.perf_counter() - started
     onnx.checker.check_model(str(path), full_check=True)
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -39,6 +43,21 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
         "inputs": [_describe(v) for v in graph.input],
         "outputs": [_describe(v) for v in graph.output],
     }
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes about torchvision ops and torch-internal deprecations,
+    which say nothing about the user's model."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _describe(value: onnx.ValueInfoProto) -> dict:
