@@ -50,6 +50,10 @@ def cli() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @click.option("--shots", type=click.IntRange(min=0), default=16, show_default=True,
               help="Training images per class; 0 = the whole training pool.")
+@click.option("--val-per-class", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Validation images per class (model selection).")
+@click.option("--test-per-class", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Test images per class (reported once, at the end).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="Stop after this many steps.")
@@ -67,8 +71,9 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (other options ignored).")
-def train(adapter, source, backbone, out, shots, epochs, max_steps, batch_size, lr, seed,
-          split_seed, ewc_lambda, options, overwrite, resume) -> None:
+def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, epochs,
+          max_steps, batch_size, lr, seed, split_seed, ewc_lambda, options, overwrite,
+          resume) -> None:
     """Train an adapter on the frozen backbone; the best epoch on validation is kept.
 
     \b
@@ -83,7 +88,8 @@ def train(adapter, source, backbone, out, shots, epochs, max_steps, batch_size, 
     if not resume:
         overrides = parse_overrides(adapter_class(adapter).config_class, options)
         new_run(out, adapter, overrides, BackboneConfig(spec=backbone),
-                DataConfig(source=source, shots=shots, split_seed=split_seed),
+                DataConfig(source=source, shots=shots, val_per_class=val_per_class,
+                           test_per_class=test_per_class, split_seed=split_seed),
                 TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                             seed=seed, ewc_lambda=ewc_lambda), overwrite=overwrite)
     run, result = run_training(out, resume=resume)

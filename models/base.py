@@ -1,11 +1,12 @@
 """What every adapter shares: the frozen backbone, the class prompts, the head, and the
 switch from the training form to the deploy form.
 
-An adapter subclasses `AdaptedModel`, declares its `config_class`, and implements
-`encode_images`. `forward` returns `(logits, embeddings)` in both forms; `to_deploy()`
-turns the model, in place, into the form that exports: text-side results become constant
-buffers (so serving runs no text tower), LoRA weights are merged, and adapters switch to
-their export-friendly form.
+An adapter subclasses `AdaptedModel`, declares its `config_class`, and changes what it
+needs: `encode_images` (through hooks on the towers, or by overriding it), `head`,
+`freeze_adapter`, `auxiliary_loss`. `forward` returns `(logits, embeddings)` in both
+forms; `to_deploy()` turns the model, in place, into the form that exports: text-side
+results become constant buffers (so serving runs no text tower), LoRA weights are merged,
+and adapters switch to their export-friendly form.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mmdeploy.config import ConfigBase
 class AdaptedModel(nn.Module):
     config_class: ClassVar[type[ConfigBase]]
     uses_cosine_head: ClassVar[bool] = True
+    uses_captions: bool = False  # True: `forward` takes per-sample captions ("" when missing)
 
     def __init__(self, backbone: Backbone, config: ConfigBase, class_names: list[str],
                  prompt_template: str):
@@ -46,9 +48,10 @@ class AdaptedModel(nn.Module):
                                   if needs_projection else None)
 
     # -- implemented by each adapter -------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image embeddings [B, D] before normalisation."""
-        raise NotImplementedError
+    def encode_images(self, pixel_values: torch.Tensor,
+                      captions: list[str] | None = None) -> torch.Tensor:
+        """Image embeddings [B, D] before normalisation (default: the frozen tower's own)."""
+        return self.backbone.image_features(pixel_values)
 
     def freeze_adapter(self) -> None:
         """Adapter-specific part of `to_deploy` (bake constants, switch forms)."""
@@ -58,9 +61,13 @@ class AdaptedModel(nn.Module):
         return torch.zeros(())
 
     # -- shared ----------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shapes: pixel_values [B, 3, H, W] -> logits [B, C], embeddings [B, D] (unit norm)."""
-        embeddings = self.encode_images(pixel_values)
+    def forward(self, pixel_values: torch.Tensor,
+                captions: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shapes: pixel_values [B, 3, H, W] -> logits [B, C], embeddings [B, D] (unit norm).
+
+        `captions` (B strings) are used by adapters with `uses_captions`, ignored by others.
+        """
+        embeddings = self.encode_images(pixel_values, captions)
         if self.uses_cosine_head and self.image_to_text is not None:
             embeddings = self.image_to_text(embeddings)
         embeddings = F.normalize(embeddings, dim=-1)

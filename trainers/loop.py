@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,25 +39,45 @@ class TrainResult:
     parameters: dict
 
 
-def preprocess(samples: list[Sample], backbone: Backbone, desc: str) -> tuple[torch.Tensor,
-                                                                           torch.Tensor]:
-    """All images of a split as one pixel tensor [N, 3, H, W] and labels [N]."""
+@dataclass
+class Split:
+    """A split decoded once: pixels [N, 3, H, W], labels [N], captions ("" when missing)."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, ids: torch.Tensor) -> Split:
+        return Split(self.pixels[ids], self.labels[ids], [self.captions[i] for i in ids.tolist()])
+
+    def batches(self, size: int) -> Iterator[Split]:
+        for start in range(0, len(self), size):
+            yield self.batch(torch.arange(start, min(start + size, len(self))))
+
+
+def preprocess(samples: list[Sample], backbone: Backbone, desc: str) -> Split:
     chunks = []
     for start in tqdm(range(0, len(samples), 256), desc=desc, unit="batch", leave=False):
         images = [read_image(s) for s in samples[start:start + 256]]
         chunks.append(torch.from_numpy(backbone.preprocessor(images)))
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-    return torch.cat(chunks), labels
+    return Split(torch.cat(chunks), labels, [s.caption or "" for s in samples])
+
+
+def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
+    captions = split.captions if model.uses_captions else None
+    return model(split.pixels.to(device), captions)[0]
 
 
 @torch.no_grad()
-def accuracy(model, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+def accuracy(model, split: Split, batch_size: int, device: str = "cpu") -> float:
     model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits, _ = model(pixels[start:start + batch_size])
-        correct += (logits.argmax(-1) == labels[start:start + batch_size]).sum().item()
-    return correct / max(len(labels), 1)
+    correct = sum((logits_of(model, batch, device).argmax(-1).cpu() == batch.labels).sum().item()
+                  for batch in split.batches(batch_size))
+    return correct / max(len(split), 1)
 
 
 def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
@@ -76,9 +97,9 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     model = build_model(run, backbone)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    train_x, train_y = preprocess(splits.train, backbone, "decode train")
-    val_x, val_y = preprocess(splits.val, backbone, "decode val")
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    train_split = preprocess(splits.train, backbone, "decode train")
+    val_split = preprocess(splits.val, backbone, "decode val")
+    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -86,9 +107,8 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, total_steps)
 
-    def task_loss(m, batch) -> torch.Tensor:
-        logits, _ = m(batch[0].to(device))
-        return F.cross_entropy(logits, batch[1].to(device))
+    def task_loss(m, batch: Split) -> torch.Tensor:
+        return F.cross_entropy(logits_of(m, batch, device), batch.labels.to(device))
 
     state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
     ewc = None
@@ -97,7 +117,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
         truncate_metrics(run_dir, state["step"])
     elif cfg.ewc_lambda > 0 and params:
         model.eval()
-        ewc = EWC.estimate(model, _batches(train_x, train_y, cfg.batch_size), task_loss,
+        ewc = EWC.estimate(model, train_split.batches(cfg.batch_size), task_loss,
                            cfg.ewc_lambda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
@@ -105,7 +125,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
                     unit="step")
     while state["step"] < total_steps and params:
         epoch, offset = divmod(state["step"], steps_per_epoch)
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(
+        order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(
             cfg.seed * 100_003 + epoch))
         for index in range(offset, steps_per_epoch):
             if state["step"] >= total_steps:
@@ -116,7 +136,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
                 group["lr"] = lr
             batch_ids = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
             with autocast:
-                loss = task_loss(model, (train_x[batch_ids], train_y[batch_ids]))
+                loss = task_loss(model, train_split.batch(batch_ids))
                 loss = loss + model.auxiliary_loss().to(loss.device)
                 if ewc is not None:
                     loss = loss + ewc.penalty(model)
@@ -139,20 +159,21 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
                            "lr": lr, "grad_norm": float(grad_norm)})
             end_of_epoch = index == steps_per_epoch - 1 or state["step"] == total_steps
             if end_of_epoch:
-                _validate(model, run_dir, val_x, val_y, cfg.batch_size, state, epoch)
+                _validate(model, run_dir, val_split, cfg.batch_size, state, epoch, device)
             if end_of_epoch or state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(run_dir, model, optimizer, state, ewc)
     progress.close()
     if not params:  # nothing to train (zero-shot): the untrained model is the result
-        _validate(model, run_dir, val_x, val_y, cfg.batch_size, state, 0)
-    return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size)
+        _validate(model, run_dir, val_split, cfg.batch_size, state, 0, device)
+    return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
 
 
-def _finish(run_dir, backbone, splits, state, started, model, batch_size) -> TrainResult:
+def _finish(run_dir, backbone, splits, state, started, model, batch_size,
+            device) -> TrainResult:
     """Test accuracy of the best checkpoint, once, at the very end."""
     model.load_adapter_state_dict(load_safetensors(run_dir.weights_path))
-    test_x, test_y = preprocess(splits.test, backbone, "decode test")
-    test_accuracy = accuracy(model, test_x, test_y, batch_size)
+    test_accuracy = accuracy(model, preprocess(splits.test, backbone, "decode test"),
+                             batch_size, device)
     seconds = time.perf_counter() - started
     _log(run_dir, {"event": "test", "step": state["step"], "best_step": state["best_step"],
                    "val_accuracy": state["best_val"], "test_accuracy": test_accuracy})
@@ -160,19 +181,14 @@ def _finish(run_dir, backbone, splits, state, started, model, batch_size) -> Tra
                        seconds, model.parameter_report())
 
 
-def _validate(model, run_dir: RunDir, val_x, val_y, batch_size: int, state: dict,
-              epoch: int) -> None:
-    val_accuracy = accuracy(model, val_x, val_y, batch_size)
+def _validate(model, run_dir: RunDir, val_split: Split, batch_size: int, state: dict,
+              epoch: int, device: str) -> None:
+    val_accuracy = accuracy(model, val_split, batch_size, device)
     _log(run_dir, {"event": "val", "step": state["step"], "epoch": epoch,
                    "val_accuracy": val_accuracy})
     if val_accuracy > state["best_val"]:
         state["best_val"], state["best_step"] = val_accuracy, state["step"]
         save_safetensors(run_dir.weights_path, model.adapter_state_dict())
-
-
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
-    for start in range(0, len(y), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
 
 
 def _log(run_dir: RunDir, record: dict) -> None:

@@ -17,9 +17,6 @@ class ZeroShotModel(AdaptedModel):
 
     config_class = ZeroShotConfig
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.image_features(pixel_values)
-
 
 class LinearProbeModel(AdaptedModel):
     """Shapes: pixel_values [B, 3, H, W] -> frozen embedding [B, D] -> Linear -> logits [B, C]."""
@@ -31,9 +28,6 @@ class LinearProbeModel(AdaptedModel):
                  prompt_template: str):
         super().__init__(backbone, config, class_names, prompt_template)
         self.classifier = nn.Linear(backbone.image_embed_dim, len(class_names))
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.image_features(pixel_values)
 
     def head(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.classifier(embeddings)
@@ -48,9 +42,6 @@ class LoRAModel(AdaptedModel):
                  prompt_template: str):
         super().__init__(backbone, config, class_names, prompt_template)
         self.image_loras = attach_lora(backbone.vision, config.targets, config.rank, config.alpha)
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.image_features(pixel_values)
 
     def freeze_adapter(self) -> None:
         merge_lora(self.backbone.vision, self.image_loras)

@@ -10,6 +10,8 @@ from mmdeploy.errors import ConfigError
 from .experts import EXPERTS
 from .router import GRANULARITIES
 
+CONTEXTS = ("prompts", "captions")
+
 
 @dataclass
 class HMMoEConfig(ConfigBase):
@@ -17,7 +19,9 @@ class HMMoEConfig(ConfigBase):
 
     `top_k` == len(experts) means dense gating. `router_noise` is the std of the Gaussian noise
     on the router logits in training. `scale` is s in y = y + ffn(ln(y)) + s * HMMoE(ln(y), ctx).
-    `text_lora_rank` = 0 leaves the text tower without LoRA.
+    `text_lora_rank` = 0 leaves the text tower without LoRA. `context` is "prompts" (one
+    context token per class prompt) or "captions" (one token: the sample's caption, the empty
+    caption when it has none, as serving images alone does).
     """
 
     rank: int = 16
@@ -35,6 +39,7 @@ class HMMoEConfig(ConfigBase):
     scale: float = 1.0
     text_lora_rank: int = 0
     text_lora_alpha: float = 16.0
+    context: str = "prompts"
 
     def __post_init__(self) -> None:
         self.experts = tuple(self.experts)
@@ -50,6 +55,10 @@ class HMMoEConfig(ConfigBase):
             raise ConfigError(
                 f"HMMoEConfig.top_k = {self.top_k}: must be between 1 and the number of experts "
                 f"({len(self.experts)})"
+            )
+        if self.context not in CONTEXTS:
+            raise ConfigError(
+                f"HMMoEConfig.context = {self.context!r}: must be one of {', '.join(CONTEXTS)}"
             )
         if self.router not in GRANULARITIES:
             raise ConfigError(

@@ -5,10 +5,13 @@ In each of the last L blocks the adapter runs in parallel with the FFN:
 implemented as a forward hook on the block's `mlp` (its input is ln2(y)), so the backbone's
 modules and checkpoint keys are untouched.
 
-context_l is the text side at the same relative depth: the class prompts' hidden states
-after text block round((l + 1) * N_text / N_image), mean-pooled over their tokens, one
-context token per class. They depend only on the label set, so `to_deploy` bakes them in as
-constant buffers and the exported graph runs no text tower.
+context_l is the text side at the same relative depth: hidden states after text block
+round((l + 1) * N_text / N_image), mean-pooled over their tokens. With `context="prompts"`
+there is one context token per class prompt; they depend only on the label set, so
+`to_deploy` bakes them in as constant buffers and the exported graph runs no text tower.
+With `context="captions"` the one context token is the sample's caption; a sample without
+one has the empty caption, and that constant is what the export bakes in (serving takes
+images alone).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class HMMoEModel(AdaptedModel):
         if config.text_lora_rank > 0:
             self.text_loras = attach_lora(backbone.text, TEXT_LORA_TARGETS,
                                           config.text_lora_rank, config.text_lora_alpha)
+        self.uses_captions = config.context == "captions"
+        self._caption_context: list[torch.Tensor] | None = None
 
     def _run_adapter(self, position: int, mlp: nn.Module, inputs: tuple,
                      output: torch.Tensor) -> torch.Tensor:
@@ -59,24 +64,47 @@ class HMMoEModel(AdaptedModel):
         return output + self.config.scale * adapter(inputs[0], self.context(position))
 
     def context(self, position: int) -> torch.Tensor:
-        """Context tokens [1, C, text_width] for adapter `position`."""
+        """Context tokens for adapter `position`: [1, C, text_width] from the class prompts,
+        or [B, 1, text_width] from the batch's captions."""
         if self.deployed:
             return getattr(self, f"frozen_context_{position}")
+        if self._caption_context is not None:
+            return self._caption_context[position]
         _, hidden_states = self.encode_prompts()
-        states = hidden_states[self.text_layers[position]]
-        mask = self.prompt_tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1)
-        return pooled.unsqueeze(0)
+        return self._pool(hidden_states, self.prompt_tokens, position).unsqueeze(0)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.image_features(pixel_values)
+    def _pool(self, hidden_states: tuple, tokens: dict, position: int) -> torch.Tensor:
+        """Token-mean of the text states at adapter `position`'s depth: [n, text_width]."""
+        states = hidden_states[self.text_layers[position]]
+        mask = tokens["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1)
+
+    def caption_context(self, captions: list[str]) -> list[torch.Tensor]:
+        """One context token per caption, per adapter: [B, 1, text_width] each."""
+        tokens = self.backbone.tokenize(captions)
+        _, hidden_states = self.backbone.encode_text(tokens)
+        return [self._pool(hidden_states, tokens, position).unsqueeze(1)
+                for position in range(len(self.adapters))]
+
+    def encode_images(self, pixel_values: torch.Tensor,
+                      captions: list[str] | None = None) -> torch.Tensor:
+        if not self.uses_captions or self.deployed:
+            return self.backbone.image_features(pixel_values)
+        # The hooks read the captions' context while the image tower runs.
+        self._caption_context = self.caption_context(captions or [""] * len(pixel_values))
+        try:
+            return self.backbone.image_features(pixel_values)
+        finally:
+            self._caption_context = None
 
     def auxiliary_loss(self) -> torch.Tensor:
         """The routers' load-balancing losses (each already weighted by its config)."""
         return sum(adapter.aux_loss for adapter in self.adapters)
 
     def freeze_adapter(self) -> None:
+        empty_caption = self.caption_context([""]) if self.uses_captions else None
         for position, adapter in enumerate(self.adapters):
-            self.register_buffer(f"frozen_context_{position}",
-                                 self.context(position).detach(), persistent=False)
+            context = empty_caption[position] if empty_caption else self.context(position)
+            self.register_buffer(f"frozen_context_{position}", context.detach(),
+                                 persistent=False)
             adapter.deploy_form = True

@@ -98,3 +98,28 @@ def test_one_backbone_carries_one_adapter(backbone_factory):
 def test_num_layers_beyond_the_tower_is_refused(backbone_factory):
     with pytest.raises(ValueError, match="num_layers"):
         HMMoEModel(backbone_factory(), HMMoEConfig(num_layers=9), CLASSES, TEMPLATE)
+
+
+def test_caption_context(backbone_factory):
+    """Captions steer the adapter; no caption is the empty caption, which the export bakes in."""
+    config = HMMoEConfig(context="captions")
+    model = HMMoEModel(backbone_factory(), config, CLASSES, TEMPLATE)
+    randomise(model)
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        striped = model(pixels, ["a striped animal", "a striped animal"])[0]
+        furry = model(pixels, ["a furry animal", "a furry animal"])[0]
+        no_caption = model(pixels)[0]
+        empty = model(pixels, ["", ""])[0]
+        one_by_one = torch.cat([model(pixels[:1], ["a striped animal"])[0],
+                                model(pixels[1:], ["a furry animal"])[0]])
+        mixed = model(pixels, ["a striped animal", "a furry animal"])[0]
+    assert (striped - furry).abs().max() > 1e-3
+    assert torch.equal(no_caption, empty)
+    assert torch.allclose(mixed, one_by_one, atol=1e-6)  # a caption is its own sample's only
+
+    deploy = HMMoEModel(backbone_factory(), config, CLASSES, TEMPLATE)
+    deploy.load_adapter_state_dict(model.adapter_state_dict())
+    with torch.no_grad():
+        assert (deploy.to_deploy()(pixels)[0] - no_caption).abs().max() < 1e-5
