@@ -330,3 +330,16 @@ def test_dense_hmmoe_exports_and_passes_parity(cli, tmp_path):
     result = cli(["verify", run])
     assert result.code == 0, str(result)
     assert "all 1 exported backend(s) pass parity" in result.stdout
+
+
+@pytest.mark.parametrize("adapter", ["lora", "linear-probe"])
+def test_baselines_share_the_export_path(adapter, tmp_path, cli):
+    """LoRA is merged into the frozen weights before export; both pass the same parity gate."""
+    run = tmp_path / adapter
+    assert cli(["train", "--adapter", adapter, "--out", run, "--max-steps", "3",
+                "--shots", "1"]).code == 0
+    exported = cli(["export", "--run", run, "--batch-range", "1,4,9"])
+    assert exported.code == 0, str(exported)
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert manifest["parity"]["onnxruntime"]["passed"] is True
+    assert {c["batch"] for c in manifest["parity"]["onnxruntime"]["checks"]} == {1, 7, 9}

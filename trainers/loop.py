@@ -104,18 +104,21 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
+    state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
+    if not params:  # nothing to train (zero-shot): the model as it is is the result
+        _validate(model, run_dir, val_split, cfg.batch_size, state, 0, device)
+        return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, total_steps)
 
     def task_loss(m, batch: Split) -> torch.Tensor:
         return F.cross_entropy(logits_of(m, batch, device), batch.labels.to(device))
 
-    state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
     ewc = None
     if resume:
         state, ewc = load_checkpoint(run_dir, model, optimizer, cfg.ewc_lambda)
         truncate_metrics(run_dir, state["step"])
-    elif cfg.ewc_lambda > 0 and params:
+    elif cfg.ewc_lambda > 0:
         model.eval()
         ewc = EWC.estimate(model, train_split.batches(cfg.batch_size), task_loss,
                            cfg.ewc_lambda)
@@ -123,7 +126,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
 
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {run.adapter}",
                     unit="step")
-    while state["step"] < total_steps and params:
+    while state["step"] < total_steps:
         epoch, offset = divmod(state["step"], steps_per_epoch)
         order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(
             cfg.seed * 100_003 + epoch))
@@ -163,8 +166,6 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
             if end_of_epoch or state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(run_dir, model, optimizer, state, ewc)
     progress.close()
-    if not params:  # nothing to train (zero-shot): the untrained model is the result
-        _validate(model, run_dir, val_split, cfg.batch_size, state, 0, device)
     return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
 
 

@@ -13,9 +13,14 @@ from .config import LinearProbeConfig, LoRAConfig, ZeroShotConfig
 
 
 class ZeroShotModel(AdaptedModel):
-    """The frozen backbone's own zero-shot classifier (only the logit scale trains)."""
+    """The frozen backbone's own zero-shot classifier: nothing trains."""
 
     config_class = ZeroShotConfig
+
+    def __init__(self, backbone: Backbone, config: ZeroShotConfig, class_names: list[str],
+                 prompt_template: str):
+        super().__init__(backbone, config, class_names, prompt_template)
+        self.logit_scale.requires_grad_(False)
 
 
 class LinearProbeModel(AdaptedModel):

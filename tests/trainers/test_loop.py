@@ -68,3 +68,11 @@ def test_nan_guard_stops_a_diverging_run(setup, monkeypatch):
     with pytest.raises(MmdeployError, match="non-finite losses"):
         loop.train(run, run_dir, backbone, splits)
     assert len([r for r in records(run_dir) if "loss" in r]) == 2  # skipped, logged, stopped
+
+
+def test_zero_shot_trains_nothing_and_is_still_a_run(setup):
+    run, run_dir, backbone, splits = setup(adapter="zero-shot")
+    result = loop.train(run, run_dir, backbone, splits)
+    assert result.steps == 0 and result.parameters["trainable"] == 0
+    assert load_safetensors(run_dir.weights_path) == {}
+    assert [r["event"] for r in records(run_dir)] == ["val", "test"]
