@@ -369,24 +369,3 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "extra": dict,
 }
 _JSON_NAMES = {dict: "JSON object", list: "JSON list", (int, type(None)): "integer or null"}
-
-
-def mark_failed(path: PathLike, report: dict[str, Any] | None = None) -> Path:
-    """Move an artifact that failed its checks aside to `<name>.failed`, so it is never served.
-
-    An older `.failed` file or directory of that name is replaced. With `report`, it is
-    written beside it as `<name>.failed.json` (for example a parity report's `to_dict()`).
-    Returns the new path.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: missing")
-    target = path.with_name(path.name + ".failed")
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    elif target.exists() or target.is_symlink():
-        target.unlink()
-    os.replace(path, target)
-    if report is not None:
-        atomic_write_json(target.with_name(target.name + ".json"), report)
-    return target

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .artifacts import RunDir, load_safetensors, read_json
+from .artifacts import RunDir, load_safetensors, read_json, safetensors_metadata
 from .backbone import Backbone, load_backbone
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
 from .errors import ArtifactError, BackboneMismatchError, ConfigError
@@ -60,6 +60,10 @@ def load_model(path: str | Path, backbone: Backbone | None = None):
         raise BackboneMismatchError(f"{path} was trained on another backbone")
     model = build_model(run, backbone)
     state = load_safetensors(run_dir.weights_path)
+    written_for = safetensors_metadata(run_dir.weights_path).get("adapter")
+    if written_for not in (None, type(model).__name__):
+        raise ArtifactError(f"{run_dir.weights_path}: holds {written_for} weights, but the run "
+                            f"is a {run.adapter!r} run")
     try:
         model.load_adapter_state_dict(state)
     except KeyError as exc:

@@ -1,4 +1,3 @@
-import json
 import os
 import struct
 
@@ -14,7 +13,6 @@ from mmdeploy.artifacts import (
     atomic_write_json,
     atomic_write_text,
     load_safetensors,
-    mark_failed,
     read_json,
     safetensors_metadata,
     save_safetensors,
@@ -269,18 +267,3 @@ def test_verify_files_catches_missing_and_resized(export):
         manifest.verify_files(export_dir, names=["model.onnx.data"])
     with pytest.raises(ArtifactError, match=r"export/model\.pt2: not listed"):
         manifest.verify_files(export_dir, names=["model.pt2"])
-
-
-# ---------------------------------------------------------------------------- mark_failed
-
-
-def test_mark_failed_moves_aside_and_replaces_older(tmp_path):
-    engine = tmp_path / "model.pt2"
-    (tmp_path / "model.pt2.failed").write_bytes(b"older failure")
-    engine.write_bytes(b"new engine")
-    moved = mark_failed(engine, report={"passed": False})
-    assert moved == tmp_path / "model.pt2.failed"
-    assert not engine.exists() and moved.read_bytes() == b"new engine"
-    assert json.loads((tmp_path / "model.pt2.failed.json").read_text()) == {"passed": False}
-    with pytest.raises(ArtifactError, match="model.pt2: missing"):
-        mark_failed(engine)

@@ -183,6 +183,16 @@ def test_damaged_adapter_weights(cli, expect_error, run_copy, tmp_path, digest, 
     assert not (run_copy / "export" / ".staging").exists()
 
 
+def test_adapter_weights_from_another_adapter(cli, expect_error, run_copy, tmp_path):
+    """A weights file copied over from another run is named, not loaded by accident."""
+    other = tmp_path / "lora"
+    assert cli(["train", "--adapter", "lora", "--out", other, "--max-steps", "1",
+                "--shots", "1"]).code == 0
+    (run_copy / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes())
+    expect_error(cli(["export", "--run", run_copy]), str(run_copy / WEIGHTS),
+                 "holds LoRAModel weights", "'hmmoe' run")
+
+
 def test_onnx_hash_mismatch(cli, expect_error, run_copy, tmp_path, digest):
     onnx_file = run_copy / "export" / "model.onnx"
     data = bytearray(onnx_file.read_bytes())

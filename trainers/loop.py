@@ -189,7 +189,8 @@ def _validate(model, run_dir: RunDir, val_split: Split, batch_size: int, state: 
                    "val_accuracy": val_accuracy})
     if val_accuracy > state["best_val"]:
         state["best_val"], state["best_step"] = val_accuracy, state["step"]
-        save_safetensors(run_dir.weights_path, model.adapter_state_dict())
+        save_safetensors(run_dir.weights_path, model.adapter_state_dict(),
+                         metadata={"adapter": type(model).__name__})
 
 
 def _log(run_dir: RunDir, record: dict) -> None:
