@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 RUN ?= runs/hmmoe-demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(BIN)/mmdeploy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(BIN)/mmdeploy
 	$(BIN)/python -m mmdeploy.demo_images $(RUN)/demo-images
 	$(BIN)/mmdeploy infer $(RUN) $(RUN)/demo-images -o $(RUN)/predictions.jsonl --overwrite
 	$(BIN)/mmdeploy info $(RUN)
+
+bench: $(BIN)/mmdeploy
+	$(BIN)/python benchmarks/onnx_vs_eager.py $(RUN) --batch 1,32
 
 lint: $(BIN)/mmdeploy
 	$(BIN)/ruff check .

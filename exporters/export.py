@@ -134,6 +134,7 @@ def _export_onnx(deploy, reference, cases, run_dir: RunDir, manifest: Manifest,
     manifest.extra["batch_range"] = {"min": config.batch_min, "opt": config.batch_opt,
                                      "max": config.batch_max}
     manifest.extra["onnx"] = {"export_seconds": info["seconds"], "nodes": info["nodes"],
+                              "nodes_before_onnxslim": info["nodes_exported"],
                               "lint": [str(f) for f in findings], "target": config.target}
     log(f"onnxruntime parity passed: {_summary(report)}")
 

@@ -16,7 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -146,22 +145,28 @@ def run_copy(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
-def _extra_images(folder: Path) -> list[Path]:
-    """Grayscale and colour PNG/JPEG at sizes the demo writer does not make."""
+def _photographs(folder: Path) -> list[Path]:
+    """Real photographs shipped with scikit-image, as JPEG/PNG, colour and grayscale, at
+    sizes and aspect ratios the demo writer does not make (one with an alpha channel)."""
+    from skimage import data
+
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1234)
     specs = [
-        ("gray-17x23.png", "L", (17, 23)),
-        ("gray-200x120.jpg", "L", (200, 120)),
-        ("colour-300x200.jpg", "RGB", (300, 200)),
-        ("colour-45x90.png", "RGB", (45, 90)),
-        ("rgba-64x48.png", "RGBA", (64, 48)),
+        ("astronaut-512.jpg", data.astronaut(), None),
+        ("coffee-600x400.png", data.coffee(), None),
+        ("chelsea-gray-151x100.jpg", data.chelsea(), (151, 100)),
+        ("camera-gray-97x61.png", data.camera(), (97, 61)),
+        ("rocket-rgba-320x213.png", data.rocket(), (320, 213)),
     ]
     paths = []
-    for name, mode, (width, height) in specs:
-        channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-        image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
+    for name, pixels, size in specs:
+        image = Image.fromarray(pixels)
+        if size is not None:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        if "gray" in name:
+            image = image.convert("L")
+        if "rgba" in name:
+            image.putalpha(200)
         path = folder / name
         image.save(path)
         paths.append(path)
@@ -171,11 +176,11 @@ def _extra_images(folder: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory) -> Path:
     """Real image files: held-out images of the bundled set (PNG and JPEG, grayscale and
-    colour, several sizes, one subfolder per class) plus a few odd sizes and an RGBA PNG."""
+    colour, several sizes, one subfolder per class) plus real photographs."""
     from mmdeploy.demo_images import write_demo_images
 
     root = tmp_path_factory.mktemp("images")
     written = write_demo_images(root, count=15)
-    written += _extra_images(root / "extra")
+    written += _photographs(root / "extra")
     assert len(written) == 20
     return root
