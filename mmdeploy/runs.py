@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .artifacts import RunDir, load_safetensors, read_json, safetensors_metadata
+from .artifacts import (
+    RunDir,
+    load_safetensors,
+    read_json,
+    safetensors_metadata,
+    sha256_file,
+)
 from .backbone import Backbone, load_backbone
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
 from .errors import ArtifactError, BackboneMismatchError, ConfigError
@@ -26,6 +32,7 @@ class RunConfig(ConfigBase):
     class_names: list[str]
     preprocessing: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
+    weights_sha256: str | None = None  # set when training ends; checked on every load
     package_version: str = __version__
 
     def typed_adapter_config(self) -> ConfigBase:
@@ -50,6 +57,16 @@ def load_run_config(run_dir: RunDir) -> RunConfig:
         raise ArtifactError(f"{run_dir.config_path}: {exc}") from None
 
 
+def check_weights(run_dir: RunDir, run: RunConfig) -> None:
+    """The adapter weights are the ones training finished with."""
+    if run.weights_sha256 is None or not run_dir.weights_path.is_file():
+        return  # an unfinished run, or a missing file that loading will name
+    digest = sha256_file(run_dir.weights_path)
+    if digest != run.weights_sha256:
+        raise ArtifactError(f"{run_dir.weights_path}: sha256 mismatch (adapter_config.json "
+                            f"{run.weights_sha256[:8]}..., file {digest[:8]}...)")
+
+
 def load_model(path: str | Path, backbone: Backbone | None = None):
     """The trained model of a run, in eval mode, on the backbone it was trained on."""
     run_dir = RunDir(Path(path))
@@ -64,6 +81,7 @@ def load_model(path: str | Path, backbone: Backbone | None = None):
     if written_for not in (None, type(model).__name__):
         raise ArtifactError(f"{run_dir.weights_path}: holds {written_for} weights, but the run "
                             f"is a {run.adapter!r} run")
+    check_weights(run_dir, run)  # last: the checks above say more precisely what is wrong
     try:
         model.load_adapter_state_dict(state)
     except KeyError as exc:

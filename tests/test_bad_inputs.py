@@ -183,6 +183,21 @@ def test_damaged_adapter_weights(cli, expect_error, run_copy, tmp_path, digest, 
     assert not (run_copy / "export" / ".staging").exists()
 
 
+def test_tampered_adapter_weights(cli, expect_error, run_copy, tmp_path):
+    """Same size, one bit flipped in the tensor data: only the recorded sha256 can tell."""
+    weights = run_copy / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    folder = tmp_path / "in"
+    noise_image(folder / "x.png")
+    out = tmp_path / "preds.jsonl"
+    expect_error(cli(["infer", run_copy, folder, "-o", out, "--backend", "torch"]),
+                 str(weights), "sha256 mismatch")
+    expect_error(cli(["export", "--run", run_copy]), str(weights), "sha256 mismatch")
+    assert not out.exists()
+
+
 def test_adapter_weights_from_another_adapter(cli, expect_error, run_copy, tmp_path):
     """A weights file copied over from another run is named, not loaded by accident."""
     other = tmp_path / "lora"

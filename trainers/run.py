@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmdeploy.artifacts import RunDir, atomic_write_json
+from mmdeploy.artifacts import RunDir, atomic_write_json, sha256_file
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
 from mmdeploy.data import load_labeled, make_splits
@@ -44,5 +44,6 @@ def run_training(out: Path, resume: bool = False) -> tuple[RunConfig, TrainResul
                          d.split_seed)
     result = train(run, run_dir, backbone, splits, resume=resume)
     run.parameters = result.parameters
+    run.weights_sha256 = sha256_file(run_dir.weights_path)
     atomic_write_json(run_dir.config_path, run.to_dict())
     return run, result
