@@ -56,14 +56,16 @@ def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int]
 
 
 def _real_samples(run: RunConfig, count: int):
-    try:
-        data = load_labeled(run.data.source)
-    except MmdeployError:  # the training images are gone: the bundled set is real images too
-        data = load_labeled("demo")
-        return data.samples[:: max(1, len(data.samples) // count)][:count]
+    """Held-out images of the run's data, spread over its classes (splits are class-major);
+    the bundled set, real images too, when the training data is no longer there."""
     d = run.data
-    splits = make_splits(data, d.shots, d.val_per_class, d.test_per_class, d.split_seed)
-    return (splits.val + splits.test)[:count]
+    try:
+        splits = make_splits(load_labeled(d.source), d.shots, d.val_per_class,
+                             d.test_per_class, d.split_seed)
+        pool = splits.val + splits.test
+    except MmdeployError:
+        pool = load_labeled("demo").samples
+    return pool[:: max(1, len(pool) // count)][:count]
 
 
 def run_parity(backend: str, precision: str, reference, candidate: Callable,
