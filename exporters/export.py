@@ -25,7 +25,7 @@ from mmdeploy.data import load_labeled, make_splits, read_image
 from mmdeploy.errors import ArtifactError, ConfigError, MmdeployError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig, load_model, load_run_config
-from mmdeploy.runtime.onnxruntime import create_session
+from mmdeploy.runtime.onnxruntime import OnnxSession
 
 from .lint import check_for_target, lint_onnx
 from .onnx import export_onnx
@@ -119,13 +119,9 @@ def _export_onnx(deploy, reference, cases, run_dir: RunDir, manifest: Manifest,
     findings = check_for_target(lint_onnx(path), config.target)
     for finding in findings:
         log(f"warning: {finding}")
-    session = create_session(path)
-    names = [o.name for o in session.get_outputs()]
     log(f"checking parity at batch {', '.join(map(str, parity_batches(config)))} "
         "(random and real images)")
-    report = run_parity("onnxruntime", "fp32", reference,
-                        lambda x: dict(zip(names, session.run(names, {"pixel_values": x}),
-                                           strict=True)), cases)
+    report = run_parity("onnxruntime", "fp32", reference, OnnxSession(path), cases)
     if not report.passed:
         _keep_aside(staging, run_dir.export_dir, report)
         report.raise_if_failed()

@@ -202,7 +202,7 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrit
     for reason in skipped:
         click.echo(f"not using {reason}", err=True)
     predictor = load_predictor(run_path, chosen)
-    click.echo(f"backend: {chosen}", err=True)
+    click.echo(f"backend: {predictor.describe()}", err=True)
     summary = run_inference(predictor, samples, output, batch_size, top_k, resume=resume)
     click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.skipped} "
                f"already done) in {summary.seconds:.1f} s -> {output}")

@@ -30,6 +30,10 @@ class Predictor(ABC):
         self.preprocessor = Preprocessor.from_dict(self.run.preprocessing)
         self.batch_range = (1, None)  # inclusive; None = unbounded
 
+    def describe(self) -> str:
+        """The backend and where it runs, for the user."""
+        return self.backend
+
     @abstractmethod
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Exported outputs for preprocessed pixels."""

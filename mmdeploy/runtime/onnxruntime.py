@@ -38,6 +38,19 @@ def create_session(path: Path, threads: int | None = None):
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({first_line})") from None
 
 
+class OnnxSession:
+    """An exported graph in ONNX Runtime: pixel_values in, outputs by name."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.session = create_session(path, threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {"pixel_values": pixel_values})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
 class OnnxRuntimePredictor(Predictor):
     backend = "onnxruntime"
 
@@ -51,10 +64,10 @@ class OnnxRuntimePredictor(Predictor):
                               [n for n in manifest.files if n.startswith(ONNX_FILE)])
         batch = manifest.extra.get("batch_range", {})
         self.batch_range = (batch.get("min", 1), batch.get("max"))
-        self.session = create_session(self.run_dir.export_dir / ONNX_FILE, threads)
-        self.provider = self.session.get_providers()[0]
+        self.session = OnnxSession(self.run_dir.export_dir / ONNX_FILE, threads)
+
+    def describe(self) -> str:
+        return f"onnxruntime ({self.session.provider})"
 
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.session.get_outputs()]
-        outputs = self.session.run(names, {"pixel_values": pixel_values})
-        return dict(zip(names, outputs, strict=True))
+        return self.session(pixel_values)

@@ -20,6 +20,9 @@ class TorchPredictor(Predictor):
         self.model, _ = load_model(run_path)
         self.model.to(self.device)
 
+    def describe(self) -> str:
+        return f"torch ({self.device})"
+
     @torch.inference_mode()
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         logits, embeddings = self.model(torch.from_numpy(pixel_values).to(self.device))
