@@ -20,7 +20,7 @@ $(BIN)/mmdeploy: pyproject.toml
 
 demo: $(BIN)/mmdeploy
 	$(BIN)/mmdeploy train --adapter hmmoe --data demo --backbone tiny --out $(RUN) --overwrite \
-		--shots 16 --epochs 30 --lr 3e-3 --option rank=4
+		--shots 16 --epochs 30 --lr 3e-3 --option rank=4 --option num_layers=2
 	$(BIN)/mmdeploy export --adapter hmmoe --run $(RUN) --format onnx
 	$(BIN)/mmdeploy verify $(RUN)
 	$(BIN)/python -m mmdeploy.demo_images $(RUN)/demo-images

@@ -25,7 +25,7 @@ class HMMoEConfig(ConfigBase):
     """
 
     rank: int = 16
-    num_layers: int = 2
+    num_layers: int = 4
     experts: tuple[str, ...] = (
         "bottleneck",
         "cross_attention",
