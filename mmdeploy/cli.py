@@ -41,8 +41,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--adapter", required=True, type=click.Choice(sorted(ADAPTERS)),
-              help="Adapter to train (baselines: linear-probe, lora, zero-shot).")
+@click.option("--adapter", type=click.Choice(sorted(ADAPTERS)),
+              help="Adapter to train (baselines: linear-probe, lora, zero-shot); required "
+                   "unless --resume.")
 @click.option("--data", "source", default="demo", show_default=True,
               help="`demo`, an image folder (one subfolder per class) or a CSV/JSONL manifest.")
 @click.option("--backbone", default="tiny", show_default=True,
@@ -83,16 +84,22 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
     """
     from .config import BackboneConfig, DataConfig, TrainConfig, parse_overrides
     from .registry import adapter_class
-    from .trainers.run import new_run, run_training
+    from .trainers.run import existing_run, new_run, run_training
 
-    if not resume:
+    if resume:
+        prepared = existing_run(out)
+    elif adapter is None:
+        raise click.UsageError("Missing option '--adapter' (needed unless --resume).")
+    else:
         overrides = parse_overrides(adapter_class(adapter).config_class, options)
-        new_run(out, adapter, overrides, BackboneConfig(spec=backbone),
-                DataConfig(source=source, shots=shots, val_per_class=val_per_class,
-                           test_per_class=test_per_class, split_seed=split_seed),
-                TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                            seed=seed, ewc_lambda=ewc_lambda), overwrite=overwrite)
-    run, result = run_training(out, resume=resume)
+        prepared = new_run(
+            out, adapter, overrides, BackboneConfig(spec=backbone),
+            DataConfig(source=source, shots=shots, val_per_class=val_per_class,
+                       test_per_class=test_per_class, split_seed=split_seed),
+            TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                        seed=seed, ewc_lambda=ewc_lambda), overwrite=overwrite)
+    result = run_training(prepared, resume=resume)
+    run = prepared.run
     share = result.parameters["trainable_share"]
     click.echo(f"{run.adapter}: best val accuracy {result.best_val_accuracy:.4f} (step "
                f"{result.best_step}), test accuracy {result.test_accuracy:.4f}, "

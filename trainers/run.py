@@ -2,48 +2,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmdeploy.artifacts import RunDir, atomic_write_json, sha256_file
-from mmdeploy.backbone import load_backbone
+from mmdeploy.backbone import Backbone, load_backbone
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
-from mmdeploy.data import load_labeled, make_splits
+from mmdeploy.data import Splits, load_labeled, make_splits
 from mmdeploy.registry import adapter_class
 from mmdeploy.runs import RunConfig, load_run_config
 
 from .loop import TrainResult, train
 
 
+@dataclass
+class PreparedRun:
+    """A run directory with its config, and the backbone and data it trains on."""
+
+    run_dir: RunDir
+    run: RunConfig
+    backbone: Backbone
+    splits: Splits
+
+
+def _splits(data: DataConfig) -> Splits:
+    return make_splits(load_labeled(data.source), data.shots, data.val_per_class,
+                       data.test_per_class, data.split_seed)
+
+
 def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: BackboneConfig,
             data_config: DataConfig, train_config: TrainConfig,
-            overwrite: bool = False) -> tuple[RunDir, RunConfig]:
-    """Create the run directory and its `adapter_config.json`; nothing trained yet."""
-    config_cls = adapter_class(adapter).config_class
-    adapter_config = config_cls.from_dict(adapter_options)
+            overwrite: bool = False) -> PreparedRun:
+    """Check everything, then create the run directory and its `adapter_config.json`."""
+    adapter_config = adapter_class(adapter).config_class.from_dict(adapter_options)
     backbone = load_backbone(backbone_config)
-    data = load_labeled(data_config.source)
-    d = data_config  # fail on an impossible split before anything is written
-    make_splits(data, d.shots, d.val_per_class, d.test_per_class, d.split_seed)
+    splits = _splits(data_config)  # an impossible split fails before anything is written
     run_dir = RunDir(Path(out))
     run_dir.prepare_new(overwrite)
     run = RunConfig(adapter=adapter, adapter_config=adapter_config.to_dict(),
                     backbone=backbone_config, backbone_identity=backbone.identity,
-                    data=data_config, train=train_config, class_names=data.class_names,
+                    data=data_config, train=train_config, class_names=splits.class_names,
                     preprocessing=backbone.preprocessor.to_dict())
     atomic_write_json(run_dir.config_path, run.to_dict())
-    return run_dir, run
+    return PreparedRun(run_dir, run, backbone, splits)
 
 
-def run_training(out: Path, resume: bool = False) -> tuple[RunConfig, TrainResult]:
-    """Train the run in `out` (from its checkpoint with `resume`)."""
+def existing_run(out: Path) -> PreparedRun:
+    """A run made earlier (to resume), on the very backbone it was started on."""
     run_dir = RunDir(Path(out))
     run = load_run_config(run_dir)
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
-    d = run.data
-    splits = make_splits(load_labeled(d.source), d.shots, d.val_per_class, d.test_per_class,
-                         d.split_seed)
-    result = train(run, run_dir, backbone, splits, resume=resume)
+    return PreparedRun(run_dir, run, backbone, _splits(run.data))
+
+
+def run_training(prepared: PreparedRun, resume: bool = False) -> TrainResult:
+    """Train (from the last checkpoint with `resume`); record what came out in the config."""
+    run, run_dir = prepared.run, prepared.run_dir
+    result = train(run, run_dir, prepared.backbone, prepared.splits, resume=resume)
     run.parameters = result.parameters
     run.weights_sha256 = sha256_file(run_dir.weights_path)
     atomic_write_json(run_dir.config_path, run.to_dict())
-    return run, result
+    return result
