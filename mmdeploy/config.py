@@ -10,7 +10,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -118,11 +118,9 @@ class ExportConfig(ConfigBase):
     formats: tuple[str, ...] = ("onnx",)
     batch_min: int = 1
     batch_opt: int = 8
-    batch_max: int = 64
+    batch_max: int = 32
     opset: int = 18
-    fp16: bool = False
     target: str = "onnxruntime"  # `tensorrt` makes the op lint an error instead of a warning
-    parity_batches: tuple[int, ...] = field(default=(1, 7, 32))
 
 
 def parse_overrides(config_cls: type[T], pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
