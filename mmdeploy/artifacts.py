@@ -32,7 +32,8 @@ PathLike = str | os.PathLike[str]
 _CHUNK = 1 << 20
 _LFS_MAGIC = b"version https://git-lfs"
 _RUN_ENTRIES = frozenset(
-    {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "checkpoint", "export"}
+    {"adapter_config.json", "adapter_model.safetensors", "adapter_bank.safetensors",
+     "metrics.jsonl", "checkpoint", "export"}
 )
 
 
@@ -229,6 +230,11 @@ class RunDir:
     @property
     def weights_path(self) -> Path:
         return self.root / "adapter_model.safetensors"
+
+    @property
+    def bank_path(self) -> Path:
+        """The memory bank of adapters that keep one (GA-Net)."""
+        return self.root / "adapter_bank.safetensors"
 
     @property
     def metrics_path(self) -> Path:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .models.base import AdaptedModel
 
 ADAPTERS: dict[str, str] = {
+    "ganet": "mmdeploy.models.ganet.model:GANetModel",
     "hmmoe": "mmdeploy.models.hmmoe.model:HMMoEModel",
     "lora": "mmdeploy.models.baselines.model:LoRAModel",
     "linear-probe": "mmdeploy.models.baselines.model:LinearProbeModel",

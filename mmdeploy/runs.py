@@ -33,6 +33,7 @@ class RunConfig(ConfigBase):
     preprocessing: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # set when training ends; checked on every load
+    bank_sha256: str | None = None  # likewise, for adapters with a memory bank
     package_version: str = __version__
 
     def typed_adapter_config(self) -> ConfigBase:
@@ -59,12 +60,30 @@ def load_run_config(run_dir: RunDir) -> RunConfig:
 
 def check_weights(run_dir: RunDir, run: RunConfig) -> None:
     """The adapter weights are the ones training finished with."""
-    if run.weights_sha256 is None or not run_dir.weights_path.is_file():
+    _check_digest(run_dir.weights_path, run.weights_sha256)
+
+
+def _check_digest(path: Path, expected: str | None) -> None:
+    if expected is None or not path.is_file():
         return  # an unfinished run, or a missing file that loading will name
-    digest = sha256_file(run_dir.weights_path)
-    if digest != run.weights_sha256:
-        raise ArtifactError(f"{run_dir.weights_path}: sha256 mismatch (adapter_config.json "
-                            f"{run.weights_sha256[:8]}..., file {digest[:8]}...)")
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ArtifactError(f"{path}: sha256 mismatch (adapter_config.json {expected[:8]}..., "
+                            f"file {digest[:8]}...)")
+
+
+def load_bank(model, run_dir: RunDir, run: RunConfig) -> None:
+    """Restore the memory bank of a model that keeps one, checked against the run."""
+    path = run_dir.bank_path
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; a {run.adapter!r} run needs its memory bank "
+                            "(retrain the run, or restore the file)")
+    state = load_safetensors(path)
+    _check_digest(path, run.bank_sha256)
+    try:
+        model.load_bank_state_dict(state)
+    except KeyError as exc:
+        raise ArtifactError(f"{path}: {exc.args[0]}") from None
 
 
 def load_model(path: str | Path, backbone: Backbone | None = None):
@@ -86,4 +105,6 @@ def load_model(path: str | Path, backbone: Backbone | None = None):
         model.load_adapter_state_dict(state)
     except KeyError as exc:
         raise ArtifactError(f"{run_dir.weights_path}: {exc.args[0]}") from None
+    if model.needs_bank:
+        load_bank(model, run_dir, run)
     return model.eval(), run

@@ -25,6 +25,10 @@ class AdaptedModel(nn.Module):
     config_class: ClassVar[type[ConfigBase]]
     uses_cosine_head: ClassVar[bool] = True
     uses_captions: bool = False  # True: `forward` takes per-sample captions ("" when missing)
+    # True: the model keeps a memory bank built from the training split by
+    # `build_bank(pixels, labels, captions, seed)`, saved with `bank_state_dict()` as the
+    # run's `adapter_bank.safetensors` and restored with `load_bank_state_dict()`.
+    needs_bank: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, config: ConfigBase, class_names: list[str],
                  prompt_template: str):

@@ -80,6 +80,13 @@ def accuracy(model, split: Split, batch_size: int, device: str = "cpu") -> float
     return correct / max(len(split), 1)
 
 
+def ewc_strength(run: RunConfig) -> float:
+    """`train --ewc-lambda` when given, else the adapter's own default, else 0 (off)."""
+    if run.train.ewc_lambda is not None:
+        return run.train.ewc_lambda
+    return getattr(run.typed_adapter_config(), "ewc_lambda", 0.0)
+
+
 def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to zero: a pure function of the step (resume-safe)."""
     if step < warmup:
@@ -99,6 +106,10 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     model.to(device)
     train_split = preprocess(splits.train, backbone, "decode train")
     val_split = preprocess(splits.val, backbone, "decode val")
+    if model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
+        model.build_bank(train_split.pixels, train_split.labels, train_split.captions, cfg.seed)
+        save_safetensors(run_dir.bank_path, model.bank_state_dict(),
+                         metadata={"adapter": type(model).__name__})
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -115,13 +126,13 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
         return F.cross_entropy(logits_of(m, batch, device), batch.labels.to(device))
 
     ewc = None
+    ewc_lambda = ewc_strength(run)
     if resume:
-        state, ewc = load_checkpoint(run_dir, model, optimizer, cfg.ewc_lambda)
+        state, ewc = load_checkpoint(run_dir, model, optimizer, ewc_lambda)
         truncate_metrics(run_dir, state["step"])
-    elif cfg.ewc_lambda > 0:
+    elif ewc_lambda > 0:
         model.eval()
-        ewc = EWC.estimate(model, train_split.batches(cfg.batch_size), task_loss,
-                           cfg.ewc_lambda)
+        ewc = EWC.estimate(model, train_split.batches(cfg.batch_size), task_loss, ewc_lambda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {run.adapter}",

@@ -61,5 +61,7 @@ def run_training(prepared: PreparedRun, resume: bool = False) -> TrainResult:
     result = train(run, run_dir, prepared.backbone, prepared.splits, resume=resume)
     run.parameters = result.parameters
     run.weights_sha256 = sha256_file(run_dir.weights_path)
+    if run_dir.bank_path.exists():
+        run.bank_sha256 = sha256_file(run_dir.bank_path)
     atomic_write_json(run_dir.config_path, run.to_dict())
     return result
