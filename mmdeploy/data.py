@@ -8,6 +8,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -170,32 +171,122 @@ def _shuffle_key(seed: int, name: str) -> bytes:
 # --------------------------------------------------------------------------- inference inputs
 
 
-def list_inputs(spec: str) -> list[Sample]:
+@dataclass(frozen=True)
+class BadEntry:
+    """An input that names no file to decode (a bad manifest line, a folder that cannot be
+    listed): it becomes one error row, keyed by `name` like any other row."""
+
+    name: str  # "list.csv:7" or the folder
+    error: str
+
+
+Entry = Sample | BadEntry
+
+
+def list_inputs(spec: str) -> Iterator[Entry]:
     """Inputs for batch inference: a folder (recursive), a glob, a manifest or one file.
 
-    Nothing is decoded here: a file that is not an image becomes an error row later.
+    Lazy: folders are walked and manifest lines parsed as the consumer asks for them, so a
+    million inputs are never held at once. What would stop the whole run (nothing found, a
+    manifest without a `path` column or not in UTF-8) is raised here, before anything is
+    written. Nothing is decoded: a file that is not an image becomes an error row later, and
+    so does a manifest line that names no file.
     """
+    entries = _entries(spec)
+    first = next(entries, None)
+    if first is None:
+        raise InputError(f"no input files found in {spec}")
+    return itertools.chain([first], entries)
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """`path` as one line of valid UTF-8 text: a file name's undecodable bytes become
+    `\\xNN` (as `ls` shows them) and control characters are escaped, so that rows, error
+    messages and the resume key stay one printable line."""
+    text = os.fspath(path)
+    try:
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON manifest: no file has that name
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL_ESCAPES)
+
+
+# C0 controls, DEL, and what Python's str.splitlines() also breaks lines at
+_CONTROL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85)},
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def _entries(spec: str) -> Iterator[Entry]:
     path = pathlib.Path(spec)
     if path.is_dir():
-        samples = [_unlabeled(p) for p in _walk_files(path)]
+        yield from _walk_entries(path)
     elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-        rows = _manifest_rows(path, required=("path",))
-        samples = [_unlabeled(_resolve(path, row["path"])) for _, row in rows]
+        yield from _manifest_entries(path)
     elif path.is_file():
-        samples = [_unlabeled(spec)]
-    else:
+        yield _unlabeled(spec)
+    else:  # a glob; a literal path that is a broken link or a loop matches itself
         matches = sorted(glob.glob(spec, recursive=True))
-        samples = [_unlabeled(m) for m in matches if os.path.isfile(m)]
-    if not samples:
-        raise InputError(f"no input files found in {spec}")
-    return samples
+        yield from (_unlabeled(m) for m in matches if not os.path.isdir(m))
+
+
+def _walk_entries(root: pathlib.Path) -> Iterator[Entry]:
+    """Every non-hidden entry under `root` that is not a folder, depth first, names sorted
+    within each folder (the order of `sorted()` on the paths).
+
+    Anything but a folder is an input, so a broken link, a symlink loop or a FIFO gets its
+    own error row instead of vanishing. Folder symlinks are followed once: a folder already
+    visited (same device and inode) is not entered again, which ends folder loops. A folder
+    that cannot be listed is one error row.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: pathlib.Path) -> Iterator[Entry]:
+        try:
+            info = folder.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                return
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted((e for e in listing if not _hidden(e.name)),
+                                 key=lambda e: e.name)
+        except OSError as exc:
+            yield BadEntry(display_name(folder),
+                           f"{display_name(folder)}: cannot list folder "
+                           f"({exc.strerror or exc})")
+            return
+        for entry in entries:
+            if _is_dir(entry):
+                yield from walk(pathlib.Path(entry.path))
+            else:
+                yield _unlabeled(entry.path)
+
+    yield from walk(root)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; False for a broken link or a loop
+    except OSError:
+        return False
+
+
+def _manifest_entries(manifest: pathlib.Path) -> Iterator[Entry]:
+    """One entry per manifest line; a line that names no usable path is a `BadEntry`."""
+    for where, row in _manifest_lines(manifest, required=("path",)):
+        if isinstance(row, str):
+            yield BadEntry(display_name(where), f"{display_name(where)}: {row}")
+        else:
+            yield _unlabeled(_resolve(manifest, row["path"]))
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _unlabeled(path: str | os.PathLike) -> Sample:
-    return Sample(str(path), str(path))
+    return Sample(display_name(path), os.fspath(path))
 
 
 def _hidden(name: str) -> bool:
@@ -203,26 +294,14 @@ def _hidden(name: str) -> bool:
 
 
 def _walk_files(root: pathlib.Path) -> list[pathlib.Path]:
-    """Every regular, non-hidden file under `root`, sorted.
-
-    Directory symlinks are followed once: a directory already visited (same device and
-    inode) is not entered again, which ends symlink loops.
-    """
-    seen: set[tuple[int, int]] = set()
+    """Every regular, non-hidden file under `root`, sorted (for labelled folders)."""
     files = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in seen:
-            dirs.clear()
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        files += [
-            pathlib.Path(folder, n)
-            for n in names
-            if not _hidden(n) and os.path.isfile(os.path.join(folder, n))
-        ]
-    return sorted(files)
+    for entry in _walk_entries(root):
+        if isinstance(entry, BadEntry):
+            raise InputError(entry.error)
+        if os.path.isfile(entry.image):
+            files.append(pathlib.Path(entry.image))
+    return files
 
 
 def _resolve(manifest: pathlib.Path, image: str) -> pathlib.Path:
@@ -233,19 +312,35 @@ def _resolve(manifest: pathlib.Path, image: str) -> pathlib.Path:
 def _manifest_rows(
     path: pathlib.Path, required: tuple[str, ...]
 ) -> Iterator[tuple[str, dict[str, str]]]:
-    """Yield (`file:line`, row) with the required keys and, when given, `caption`."""
+    """Yield (`file:line`, row) with the required keys; any bad line is an error."""
+    for where, row in _manifest_lines(path, required):
+        if isinstance(row, str):
+            raise InputError(f"{where}: {row}")
+        yield where, row
+
+
+def _manifest_lines(
+    path: pathlib.Path, required: tuple[str, ...]
+) -> Iterator[tuple[str, dict[str, str] | str]]:
+    """Yield (`file:line`, row with the required keys and, when given, `caption`), or
+    (`file:line`, what is wrong with that line). A manifest that is unusable as a whole (not
+    UTF-8, a CSV without a required column, broken CSV quoting) raises `InputError`."""
     text = _read_text(path)
     is_csv = path.suffix.lower() == ".csv"
     rows = _csv_rows(path, text, required) if is_csv else _jsonl_rows(path, text)
     for where, row in rows:
-        for key in required:
-            value = row.get(key)
-            if not isinstance(value, str) or not value:
-                raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
-        caption = row.get("caption")
-        if caption is not None and not isinstance(caption, str):
-            raise InputError(f"{where}: 'caption' must be a string, got {caption!r}")
-        yield where, {k: row[k] for k in (*required, "caption") if row.get(k)}
+        yield where, row if isinstance(row, str) else _check_row(row, required)
+
+
+def _check_row(row: dict, required: tuple[str, ...]) -> dict[str, str] | str:
+    for key in required:
+        value = row.get(key)
+        if not isinstance(value, str) or not value:
+            return f"{key!r} must be a non-empty string, got {value!r}"
+    caption = row.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        return f"'caption' must be a string, got {caption!r}"
+    return {k: row[k] for k in (*required, "caption") if row.get(k)}
 
 
 def _read_text(path: pathlib.Path) -> str:
@@ -277,7 +372,7 @@ def _csv_rows(
         raise InputError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
 
 
-def _jsonl_rows(path: pathlib.Path, text: str) -> Iterator[tuple[str, dict]]:
+def _jsonl_rows(path: pathlib.Path, text: str) -> Iterator[tuple[str, dict | str]]:
     # split on newlines only: str.splitlines() would also cut at U+2028 inside a JSON string
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -286,7 +381,9 @@ def _jsonl_rows(path: pathlib.Path, text: str) -> Iterator[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: bad JSON ({exc.msg})") from None
+            yield where, f"bad JSON ({exc.msg})"
+            continue
         if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, f"expected a JSON object, got {type(row).__name__}"
+            continue
         yield where, row

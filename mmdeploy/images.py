@@ -62,6 +62,8 @@ def _load_path(path: Path, label: str) -> Image.Image:
         raise InputError(f"{label}: no such file") from None
     except OSError as exc:
         raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # a NUL byte or a lone surrogate: no file can have that name
+        raise InputError(f"{label}: not a valid file name ({exc})") from None
     if stat.S_ISDIR(info.st_mode):
         raise InputError(f"{label}: is a directory, not an image file")
     if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
@@ -162,6 +164,8 @@ class Preprocessor:
     def __init__(self, processor: Any):
         self._processor = processor
         self._size = _output_size(processor)
+        resizes = getattr(processor, "do_resize", False)
+        self._shortest_edge = _get(processor.size, "shortest_edge") if resizes else None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Preprocessor:
@@ -195,10 +199,30 @@ class Preprocessor:
         """The processor's configuration as plain JSON types."""
         return json.loads(self._processor.to_json_string())
 
+    def check(self, image: Image.Image, name: str) -> None:
+        """Refuse an image whose resized intermediate would exceed `MAX_IMAGE_PIXELS`.
+
+        A shortest-edge resize scales the long side by the same factor before the crop, so a
+        thin strip within the decode limit (1 x 40M) would grow to billions of pixels.
+        """
+        if not self._shortest_edge:
+            return
+        width, height = image.size
+        short, long = sorted((width, height))
+        edge = int(self._shortest_edge)
+        resized = edge * int(edge * long / short)  # as transformers computes the new size
+        if resized > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"{name}: {width}x{height} is too elongated: resizing its short side to {edge} "
+                f"would make {resized} pixels (limit {MAX_IMAGE_PIXELS})"
+            )
+
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
         """Preprocess RGB images into a contiguous float32 array [B, 3, H, W]."""
         if not images:
             return np.zeros((0, 3, *self._size), dtype=np.float32)
+        for number, image in enumerate(images, start=1):
+            self.check(image, f"image {number}")
         pixels = self._processor(images=list(images), return_tensors="np")["pixel_values"]
         return np.ascontiguousarray(pixels, dtype=np.float32)
 

@@ -1,125 +1,177 @@
-"""Batch inference over files: one row per input, written as it goes, resumable.
+"""Batch inference over files: a bounded, ordered pipeline from the input listing to the rows
+file (`rows.py`).
 
-A row is {"path", "label", "score", "topk": [[label, prob], ...], "error"}. A file that
-cannot be decoded gives a row with `error` set and the run goes on. Rows are appended and
-flushed batch by batch; `resume` keeps the complete rows already written and skips those
-inputs, so a killed run picks up where it stopped.
+    inputs (listed lazily) -> decode + preprocess in worker threads, at most `depth` images
+    in flight -> taken back in input order -> batches predicted on this thread -> rows
+    appended and flushed, batch by batch
+
+PIL decodes and resizes with the GIL released, so the threads overlap file decoding with the
+model. Memory stays bounded whatever the number of inputs: the listing is a generator and
+at most `depth` decoded images wait at once. Rows are written in input order, so a run
+killed at any point has written a prefix of its rows; `--resume` keeps that prefix (minus a
+torn last line) and skips those inputs, and the finished file has the same rows as an
+uninterrupted run. An input listed twice gets one row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import contextlib
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 from tqdm import tqdm
 
-from .data import Sample, read_image
+from .data import BadEntry, Entry, read_image
 from .errors import InputError
+from .images import Preprocessor
+from .rows import COLUMNS, RowWriter, completed_paths, error_row, prediction_row
 from .runtime.base import Predictor
 
-COLUMNS = ["path", "label", "score", "topk", "error"]
+__all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
+           "run_inference"]
+
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+Prepared = np.ndarray | str  # pixels [3, H, W], or the input's error message
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    batch_size: int = 32
+    top_k: int = 5
+    workers: int = DEFAULT_WORKERS  # decode threads; 0 = decode on the calling thread
+    resume: bool = False
+    fail_fast: bool = False  # raise InputError at the first error row instead of writing it
 
 
 @dataclass
 class InferenceSummary:
-    written: int
-    skipped: int
-    errors: int
-    seconds: float
+    written: int = 0  # rows written by this call, error rows included
+    errors: int = 0
+    resumed: int = 0  # inputs skipped because the output already had their row
+    duplicates: int = 0  # inputs skipped because they were listed before in this call
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
-class RowWriter:
-    """Appends rows to a JSONL or CSV file; the format follows the extension."""
-
-    def __init__(self, path: Path, append: bool):
-        self.path = path
-        self.csv = path.suffix.lower() == ".csv"
-        fresh = not append or not path.exists() or path.stat().st_size == 0
-        self.handle = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        if self.csv and fresh:
-            self._write_csv(dict(zip(COLUMNS, COLUMNS, strict=True)))
-
-    def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            if self.csv:
-                self._write_csv({**row, "topk": json.dumps(row["topk"])})
-            else:
-                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.handle.flush()
-
-    def _write_csv(self, row: dict) -> None:
-        csv.DictWriter(self.handle, COLUMNS).writerow(row)
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-def completed_paths(path: Path) -> set[str]:
-    """Paths already written to `path`; a torn last line (a kill mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) != len(raw):
-        with open(path, "r+b") as handle:
-            handle.truncate(len(complete))
-    text = complete.decode("utf-8")
-    if path.suffix.lower() == ".csv":
-        return {row["path"] for row in csv.DictReader(io.StringIO(text))}
-    return {json.loads(line)["path"] for line in text.splitlines() if line}
-
-
-def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start:start + size]
-
-
-def predict_rows(predictor: Predictor, samples: list[Sample], top_k: int) -> list[dict]:
-    """Rows for one batch, in input order; undecodable files become error rows."""
-    rows: list[dict | None] = [None] * len(samples)
-    images, positions = [], []
-    for position, sample in enumerate(samples):
-        try:
-            images.append(read_image(sample))
-            positions.append(position)
-        except InputError as exc:
-            rows[position] = {"path": sample.name, "label": None, "score": None, "topk": [],
-                              "error": str(exc)}
-    if images:
-        probs, labels = predictor.predict(images)
-        names = predictor.class_names
-        for position, prob, label in zip(positions, probs, labels, strict=True):
-            order = prob.argsort()[::-1][:top_k]
-            rows[position] = {"path": samples[position].name, "label": names[label],
-                              "score": round(float(prob[label]), 6),
-                              "topk": [[names[i], round(float(prob[i]), 6)] for i in order],
-                              "error": None}
-    return rows
-
-
-def run_inference(predictor: Predictor, samples: list[Sample], output: Path, batch_size: int,
-                  top_k: int = 5, resume: bool = False,
+def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
+                  options: InferenceOptions,
                   progress: Callable[..., tqdm] = tqdm) -> InferenceSummary:
+    """Write one row per input to `output` (JSONL or CSV by extension) and count them."""
     started = time.perf_counter()
-    done = completed_paths(output) if resume else set()
-    todo = [s for s in samples if s.name not in done]
+    summary = InferenceSummary()
+    done = completed_paths(output) if options.resume else set()
     high = predictor.batch_range[1]
-    batch_size = min(batch_size, high) if high else batch_size
-    writer = RowWriter(output, append=resume)
-    errors = 0
+    batch_size = min(options.batch_size, high) if high else options.batch_size
+    prepare = partial(_prepare, predictor.preprocessor)
+    todo = _new_inputs(inputs, done, summary)
+    prepared = _in_order(prepare, todo, options.workers, depth=2 * batch_size)
+    with (contextlib.closing(prepared), RowWriter(output, append=options.resume) as writer,
+          progress(desc=f"infer ({predictor.backend})", unit="img") as bar):
+        for batch in _batches(prepared, batch_size):
+            rows = _predict(predictor, batch, options.top_k)
+            failed = [i for i, row in enumerate(rows) if row["error"] is not None]
+            if options.fail_fast and failed:
+                writer.write(rows[: failed[0]])
+                summary.written += failed[0]
+                raise InputError(f"{rows[failed[0]]['error']}; stopped by --fail-fast, keeping "
+                                 f"the {summary.written} row(s) before it in {output}")
+            writer.write(rows)
+            summary.written += len(rows)
+            summary.errors += len(failed)
+            bar.update(len(rows))
+            if summary.errors:
+                bar.set_postfix(errors=summary.errors, refresh=False)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _new_inputs(inputs: Iterable[Entry], done: set[str],
+                summary: InferenceSummary) -> Iterator[Entry]:
+    """The inputs without a row yet, each once; counts what it leaves out."""
+    claimed: set[str] = set()
+    for entry in inputs:
+        if entry.name in done:
+            summary.resumed += 1
+        elif entry.name in claimed:
+            summary.duplicates += 1
+        else:
+            claimed.add(entry.name)
+            yield entry
+
+
+def _prepare(preprocessor: Preprocessor, entry: Entry) -> Prepared:
+    """Decode and preprocess one input (in a worker thread), or say why it cannot be."""
+    if isinstance(entry, BadEntry):
+        return entry.error
     try:
-        with progress(total=len(todo), desc=f"infer ({predictor.backend})", unit="img") as bar:
-            for batch in _batches(todo, batch_size):
-                rows = predict_rows(predictor, batch, top_k)
-                writer.write(rows)
-                errors += sum(row["error"] is not None for row in rows)
-                bar.update(len(batch))
-    finally:
-        writer.close()
-    return InferenceSummary(len(todo), len(samples) - len(todo), errors,
-                            time.perf_counter() - started)
+        image = read_image(entry)
+        preprocessor.check(image, entry.name)
+        return preprocessor([image])[0]
+    except InputError as exc:
+        return str(exc)
+
+
+def _in_order(function: Callable[[Item], Result], items: Iterable[Item], workers: int,
+              depth: int) -> Iterator[tuple[Item, Result]]:
+    """`(item, function(item))` in input order, computed by `workers` threads at most `depth`
+    items ahead of the consumer (the bounded queue); `workers=0` computes them inline."""
+    if workers == 0:
+        for item in items:
+            yield item, function(item)
+        return
+    pending: deque[tuple[Item, Future]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="mmdeploy-decode") as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(function, item)))
+                if len(pending) >= depth:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            while pending:
+                first, future = pending.popleft()
+                yield first, future.result()
+        finally:  # the consumer stopped early (--fail-fast, Ctrl+C): drop queued work
+            for _, future in pending:
+                future.cancel()
+
+
+def _batches(pairs: Iterator[tuple[Item, Result]],
+             size: int) -> Iterator[list[tuple[Item, Result]]]:
+    batch = []
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _predict(predictor: Predictor, batch: list[tuple[Entry, Prepared]], top_k: int) -> list[dict]:
+    """Rows for one batch in input order; the inputs that could not be prepared are error
+    rows, the others are predicted together."""
+    rows: list[dict | None] = [
+        error_row(entry.name, result) if isinstance(result, str) else None
+        for entry, result in batch
+    ]
+    ready = [i for i, (_, result) in enumerate(batch) if not isinstance(result, str)]
+    if ready:
+        probs, labels = predictor.predict_pixels(np.stack([batch[i][1] for i in ready]))
+        for i, prob, label in zip(ready, probs, labels, strict=True):
+            rows[i] = prediction_row(batch[i][0].name, prob, int(label), predictor.class_names,
+                                     top_k)
+    return rows

@@ -220,7 +220,9 @@ def test_infer_glob_and_single_file(cli, tiny_run, image_dir, tmp_path):
     assert result.code == 0, str(result)
     paths = [r["path"] for r in read_rows(out)]
     jpgs = sorted(str(p) for p in image_files(image_dir) if p.suffix == ".jpg")
-    assert paths == [*jpgs, str(single)]
+    assert str(single) in jpgs  # listed twice (by the glob and by name): one row, not two
+    assert paths == jpgs
+    assert "1 duplicate skipped" in result.stdout
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

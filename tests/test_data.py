@@ -260,7 +260,7 @@ def test_list_inputs_glob_manifest_and_single_file(manifest_images, tmp_path):
     ]
 
     (folder / "in.csv").write_text("path,label,caption\nimg/b.png,cat,hi\nimg/missing.png,,\n")
-    inputs = list_inputs(str(folder / "in.csv"))
+    inputs = list(list_inputs(str(folder / "in.csv")))
     assert _names(inputs) == [str(folder / "img" / "b.png"), str(folder / "img" / "missing.png")]
     assert all(s.label == -1 and s.caption is None for s in inputs)
     (folder / "in.jsonl").write_text('{"path": "img/a.png"}\n')
@@ -280,7 +280,7 @@ def test_list_inputs_finds_nothing(tmp_path):
 def test_read_image_names_the_sample(tmp_path):
     path = tmp_path / "broken.png"
     path.write_text("nope")
-    sample = list_inputs(str(path))[0]
+    sample = next(list_inputs(str(path)))
     assert _input_error(read_image, sample) == f"{path}: not an image (cannot identify image file)"
     array_sample = Sample("demo:7", np.zeros((2, 2), np.float64), 3)
     assert _input_error(read_image, array_sample).startswith("demo:7: expected a uint8")

@@ -244,6 +244,21 @@ def test_preprocessor_is_deterministic_and_matches_transformers(clip_dir):
     np.testing.assert_array_equal(first, reference["pixel_values"])
 
 
+def test_preprocessor_refuses_a_strip_that_resizing_would_blow_up(clip_dir):
+    """A shortest-edge resize to 32 turns 39,063 x 1 into 1,250,016 x 32: 40,000,512 pixels,
+    over the limit; 39,062 x 1 stays within it. (A real CLIP's 224 refuses far less thin.)"""
+    preprocess = Preprocessor.from_pretrained(clip_dir)
+    longest = images.MAX_IMAGE_PIXELS // 32 // 32
+    preprocess.check(Image.new("RGB", (longest, 1)), "wide.png")
+    with pytest.raises(InputError) as info:
+        preprocess.check(Image.new("RGB", (1, longest + 1)), "tall.png")
+    assert str(info.value) == (f"tall.png: 1x{longest + 1} is too elongated: resizing its short "
+                               f"side to 32 would make {32 * 32 * (longest + 1)} pixels (limit "
+                               f"{images.MAX_IMAGE_PIXELS})")
+    with pytest.raises(InputError, match=rf"^image 2: 1x{longest + 1} is too elongated"):
+        preprocess([load_image(_pixels()), Image.new("RGB", (1, longest + 1))])
+
+
 def test_preprocessor_uses_pil_backend_without_warning(clip_dir, capfd):
     preprocess = Preprocessor.from_pretrained(clip_dir)
     assert "CLIPImageProcessorPil" in repr(preprocess)
