@@ -1,0 +1,47 @@
+"""Example images for the app, taken from the run's own held-out test split.
+
+They are written as PNG files at start-up (Gradio's examples are files), one per class for
+the first classes, named after their true class so a visitor can see when the model is
+wrong. Images the adapter never trained on, from the data the run was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..data import load_labeled, make_splits, read_image
+from ..errors import MmdeployError
+from ..runs import RunConfig
+
+
+def write_examples(run: RunConfig, out: Path, count: int = 6) -> list[Path]:
+    """Write up to `count` test-split images of distinct classes to `out`; raises
+    `MmdeployError` when the run's data is not readable here (e.g. a folder since moved)."""
+    data = run.data
+    splits = make_splits(load_labeled(data.source), data.shots, data.val_per_class,
+                         data.test_per_class, data.split_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set[int] = set()
+    for sample in splits.test:
+        if sample.label in seen:
+            continue
+        seen.add(sample.label)
+        name = re.sub(r"[^\w.-]+", "_", splits.class_names[sample.label])
+        path = out / f"{name}.png"
+        if path.exists():  # two class names that differ only in punctuation
+            continue
+        read_image(sample).save(path)
+        written.append(path)
+        if len(written) == count:
+            break
+    return written
+
+
+def examples_or_reason(run: RunConfig, out: Path, count: int = 6) -> tuple[list[Path], str]:
+    """The example files, or none and the reason (the app serves without examples)."""
+    try:
+        return write_examples(run, out, count), ""
+    except MmdeployError as exc:
+        return [], f"no examples: {exc}"

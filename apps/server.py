@@ -1,0 +1,137 @@
+"""The HTTP server: FastAPI with `GET /health`, the Gradio page mounted at `/`, uvicorn.
+
+We mount the page on our own FastAPI app (`gr.mount_gradio_app`) instead of calling
+`Blocks.launch()` so that the health route sits beside it and uvicorn runs in the main
+thread: uvicorn then handles SIGINT and SIGTERM itself (stop accepting, let requests in
+flight finish, run the shutdown hooks). `launch()` only catches KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from ..errors import ConfigError
+from .examples import examples_or_reason
+from .service import Classifier, ServeLimits
+from .ui import build_ui
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the app is served. `concurrency` requests run at once (each may hold up to
+    `limits.max_images` images); up to `max_queue` more wait, later ones are refused."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    concurrency: int = 2
+    max_queue: int = 64
+    limits: ServeLimits = ServeLimits()
+    graceful_seconds: float = 5.0
+
+
+@dataclass
+class ServedApp:
+    """The ASGI app to run, and how to end Gradio's long-lived streams at shutdown."""
+
+    app: FastAPI
+    gradio_app: Starlette
+
+    def end_streams(self) -> None:
+        """Gradio holds a heartbeat stream open per browser tab or client until its
+        `stop_event` is set (`launch()` does that on close; a mounted app must do it itself),
+        and uvicorn's graceful shutdown waits for every open connection."""
+        self.gradio_app.stop_event.set()
+
+
+def build_app(classifier: Classifier, config: ServeConfig, examples_dir: Path) -> ServedApp:
+    """The FastAPI app: `/health` plus the Gradio page (with its queue) at `/`."""
+    examples, note = examples_or_reason(classifier.predictor.run, examples_dir)
+    blocks = build_ui(classifier, examples, note)
+    blocks.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
+    app = FastAPI(title="mmdeploy")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "run": str(classifier.run_path),
+                "adapter": classifier.details["adapter"], "backend": classifier.backend,
+                "classes": len(classifier.class_names), "concurrency": config.concurrency,
+                "served": classifier.counters.snapshot()}
+
+    gr.mount_gradio_app(app, blocks, path="/", server_name=config.host,
+                        server_port=config.port, max_file_size=config.limits.max_file_bytes,
+                        allowed_paths=[str(examples_dir)], ssr_mode=False,
+                        footer_links=["api"], run_history=False)
+    gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
+    return ServedApp(app, gradio_app)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the caller its address once it accepts connections (with
+    `port=0`, the one the OS chose), and ending Gradio's streams when it shuts down."""
+
+    def __init__(self, served: ServedApp, config: uvicorn.Config,
+                 on_ready: Callable[[str], None]):
+        super().__init__(config)
+        self._served = served
+        self._on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self._on_ready(f"http://[{host}]:{port}/" if ":" in host else
+                           f"http://{host}:{port}/")
+
+    async def shutdown(self, sockets=None) -> None:
+        self._served.end_streams()
+        await super().shutdown(sockets)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, so that a busy port or a bad host is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason})") from None
+
+
+def serve(classifier: Classifier, config: ServeConfig, listener: socket.socket,
+          on_ready: Callable[[str], None]) -> None:
+    """Serve on `listener` (from `bind`) until SIGINT or SIGTERM, then shut down cleanly and
+    return.
+
+    uvicorn catches both signals, drains, and re-raises the signal to the handler that was
+    installed before it; SIGTERM's is set to raise KeyboardInterrupt like SIGINT's, so both
+    end here. Must run in the main thread (signal handlers can only be set there).
+    """
+    with tempfile.TemporaryDirectory(prefix="mmdeploy-examples-") as examples_dir:
+        served = build_app(classifier, config, Path(examples_dir))
+        server = _Server(served, uvicorn.Config(served.app, log_level="warning",
+                                                timeout_graceful_shutdown=config.graceful_seconds),
+                         on_ready)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[listener])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            listener.close()

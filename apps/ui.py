@@ -1,0 +1,126 @@
+"""The Gradio page: a Classify tab and a Run tab, over one shared `Classifier`.
+
+Uploads arrive through `gr.File` rather than `gr.Image`/`gr.Gallery`: those decode the
+upload in Gradio with PIL's defaults before our code sees it, whereas raw files go through
+`load_image` exactly as `mmdeploy infer` reads them (same pixels, same label, same
+decompression-bomb and size checks, same error messages), and several can be sent at once.
+No `file_types` filter: files are judged by their content, as `infer` does, not by their
+extension.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import MmdeployError
+from .service import Classifier, Prediction
+
+TABLE_HEADERS = ["file", "label", "score", "error"]
+
+
+def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = "") -> gr.Blocks:
+    """The page; the request queue and limits are set by the server that mounts it."""
+    details = classifier.details
+    title = f"mmdeploy: {details['adapter']} on {details['backbone']}"
+
+    def classify(paths: list[str] | None):
+        uploads = [(Path(p).name, p) for p in paths or []]
+        try:
+            result = classifier.classify(uploads)
+        except MmdeployError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        if result.errors:
+            gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
+                       + "; ".join(result.errors))
+        return (_label_value(result.predicted[0]), status_markdown(result),
+                result.thumbnails, _table(result.rows), result.predicted)
+
+    def select(predicted: list[dict], event: gr.SelectData):
+        return _label_value(predicted[event.index])
+
+    # Uploads and thumbnails are files in Gradio's cache: sweep those older than 15 minutes
+    # every 5, or a long-running server fills its disk.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(300, 900)) as blocks:
+        gr.Markdown(f"## {title}\n{len(classifier.class_names)} classes, served by "
+                    f"**{classifier.backend}**. Limits: {classifier.limits.describe()}.")
+        rows = gr.State([])
+        with gr.Tab("Classify"), gr.Row():
+            with gr.Column():
+                files = gr.File(label="Images", file_count="multiple", type="filepath")
+                button = gr.Button("Classify", variant="primary")
+                examples_slot = gr.Column()  # filled below: examples need the outputs
+            with gr.Column():
+                label = gr.Label(label="Top classes", num_top_classes=classifier.limits.top_k)
+                status = gr.Markdown()
+                gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
+                                     height=280, object_fit="contain", format="png",
+                                     allow_preview=False)
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
+                                     interactive=False, wrap=True)
+        with gr.Tab("Run"):
+            gr.Markdown(run_markdown(classifier))
+        outputs = [label, status, gallery, table, rows]
+        with examples_slot:
+            if examples:
+                gr.Examples([[[str(path)]] for path in examples], inputs=[files],
+                            outputs=outputs, fn=classify, run_on_click=True,
+                            cache_examples=False,
+                            label="Examples from the run's held-out test split (click to run)")
+            elif examples_note:
+                gr.Markdown(examples_note)
+        button.click(classify, inputs=[files], outputs=outputs, api_name="classify")
+        gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private",
+                       queue=False)
+    return blocks
+
+
+def status_markdown(result: Prediction) -> str:
+    total = result.decode_ms + result.model_ms
+    count = len(result.predicted)
+    return (f"**{result.backend}**: {count} image{'s' if count != 1 else ''} in "
+            f"{total:.1f} ms (decode {result.decode_ms:.1f} ms, preprocess + model "
+            f"{result.model_ms:.1f} ms)")
+
+
+def run_markdown(classifier: Classifier) -> str:
+    """The Run tab: what is being served and how well its export matched PyTorch."""
+    d = classifier.details
+    options = ", ".join(f"{key}={value}" for key, value in d["adapter_config"].items())
+    facts = [
+        ("run", f"`{d['run']}`"),
+        ("adapter", f"{d['adapter']} ({options})"),
+        ("backbone", d["backbone"]),
+        ("trainable parameters", f"{d['parameters'].get('trainable', 0):,}"),
+        (f"classes ({len(d['classes'])})", ", ".join(d["classes"])),
+        ("backend", classifier.backend),
+        *[("not using", reason) for reason in classifier.skipped],
+        ("limits", classifier.limits.describe()),
+    ]
+    lines = ["| | |", "|---|---|", *[f"| **{key}** | {value} |" for key, value in facts], ""]
+    parity = d.get("parity", {})
+    if not parity:
+        return "\n".join([*lines, "No export yet: PyTorch serves (`mmdeploy export` first)."])
+    lines += ["**Parity of each export against PyTorch** (worst over the checked batches)", "",
+              "| backend | precision | passed | max abs | min cosine | top-1 agreement |",
+              "|---|---|---|---|---|---|"]
+    for backend, report in parity.items():
+        lines.append(f"| {backend} | {report['precision']} | {report['passed']} | "
+                     f"{_figure(report, 'max_abs', '.2e')} | "
+                     f"{_figure(report, 'min_cosine', '.6f')} | "
+                     f"{_figure(report, 'top1_agreement', '.1%')} |")
+    return "\n".join(lines)
+
+
+def _figure(report: dict, key: str, spec: str) -> str:
+    value = report.get(key)
+    return "n/a" if value is None else format(value, spec)
+
+
+def _label_value(row: dict) -> dict[str, float]:
+    return dict(row["topk"])
+
+
+def _table(rows: list[dict]) -> list[list]:
+    return [[row["path"], row["label"], row["score"], row["error"] or ""] for row in rows]

@@ -1,0 +1,45 @@
+"""The app in a real browser: headless Chromium (Debian's `chromium` package, which `make
+test` installs) driven by Playwright. Upload an image, classify, read the label off the page.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed (pip install playwright)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (apt-get install -y chromium; `make test` "
+                             "tries to install it)")
+
+
+def test_upload_and_classify_in_chromium(server, image_dir, tmp_path):
+    from gradio_client import Client, handle_file
+
+    image = next(image_dir.rglob("*.png"))
+    expected = Client(server.url, verbose=False, analytics_enabled=False,
+                      download_files=False).predict([handle_file(image)],
+                                                    api_name="/classify")[0]["label"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server.url)
+            page.set_input_files("input[type=file]", str(image))
+            page.get_by_text(image.name).first.wait_for()  # the upload has landed
+            page.get_by_role("button", name="Classify").click()
+            label = page.locator("[data-testid=label-output-value]")
+            label.wait_for(timeout=30_000)
+            status = page.get_by_text("1 image in")
+            status.wait_for()
+            shown, status_text = label.inner_text().strip(), status.inner_text()
+            page.screenshot(path=tmp_path / "app.png", full_page=True)
+        finally:
+            browser.close()
+    assert shown == expected
+    assert status_text.startswith("onnxruntime")  # which backend served, and its latency
+    assert (tmp_path / "app.png").stat().st_size > 10_000
