@@ -1,5 +1,6 @@
 """Export a run: merge and freeze, compile, check, verify parity, then publish.
 
+Every format (`formats.FORMATS`: onnx, aoti, tensorrt) goes through the same path here.
 Files are written to `export/.staging/` first. Only an export that passes the op lint and
 parity moves into `export/` and into `manifest.json`; one that fails is kept aside as
 `export/<file>.failed` with its report beside it, and never served. An earlier good export
@@ -22,17 +23,16 @@ from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import ExportConfig
 from mmdeploy.data import load_labeled, make_splits, read_image
-from mmdeploy.errors import ArtifactError, ConfigError, MmdeployError
+from mmdeploy.errors import ArtifactError, MmdeployError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig, load_model, load_run_config
-from mmdeploy.runtime.onnxruntime import OnnxSession
+from mmdeploy.runtime.onnxruntime import ONNX_FILE
 
-from .lint import check_for_target, lint_onnx
-from .onnx import export_onnx
+from .formats import FORMATS, ExportJob, plan_formats
 from .parity import ParityReport, evaluate
 
-FORMATS = ("onnx",)
-_VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+_VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
+              "onnxruntime-gpu", "tensorrt")
 
 
 def parity_batches(config: ExportConfig) -> list[int]:
@@ -81,12 +81,14 @@ def run_parity(backend: str, precision: str, reference, candidate: Callable,
 
 def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportConfig,
                log: Callable[[str], None] = print) -> Manifest:
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ConfigError(f"unknown export format(s) {', '.join(sorted(unknown))}; "
-                          f"available: {', '.join(FORMATS)}")
+    """Export `formats` of a run; each is published only once it passes parity."""
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
+    manifest = _existing_manifest(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_formats(formats, config.fp16, device, has_onnx=ONNX_FILE in manifest.files)
+    for fmt, precision in plan:
+        log(f"will export {fmt} ({precision})")
     log(f"loading {run.adapter} run {run_dir.root}")
     reference, _ = load_model(run_dir.root)
     # A second copy on its own backbone: merging and freezing must not touch the reference.
@@ -98,43 +100,42 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
     form_gap = _form_gap(reference, deploy, cases)
     log(f"deploy form vs training form: max abs {form_gap:.2e}")
 
-    manifest = _existing_manifest(run_dir)
-    for fmt in formats:
-        log(f"exporting {fmt} (opset {config.opset}, batch {config.batch_min}..{config.batch_max})")
-        _export_onnx(deploy, reference, cases, run_dir, manifest, config, log)
-    manifest.extra.update({"deploy_form_max_abs": form_gap, "parity_seed": seed})
-    manifest.versions = _versions()
-    manifest.save(run_dir.manifest_path)
+    for fmt, precision in plan:
+        log(f"exporting {fmt} {precision} (batch {config.batch_min}..{config.batch_max})")
+        job = ExportJob(deploy, run_dir, config, precision, device, log)
+        _export_format(fmt, job, reference, cases, manifest)
+        # Saved after each format: a later one failing leaves this one listed and servable.
+        manifest.extra.update({"deploy_form_max_abs": form_gap, "parity_seed": seed})
+        manifest.versions = _versions()
+        manifest.save(run_dir.manifest_path)
     return manifest
 
 
-def _export_onnx(deploy, reference, cases, run_dir: RunDir, manifest: Manifest,
-                 config: ExportConfig, log: Callable[[str], None]) -> None:
-    staging = run_dir.export_dir / ".staging"
+def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifest) -> None:
+    """Build into export/.staging/, check parity, then publish or keep aside."""
+    export_dir = job.run_dir.export_dir
+    staging = export_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    path = staging / "model.onnx"
-    info = export_onnx(deploy, path, deploy.backbone.preprocessor.image_size,
-                       config.batch_min, config.batch_max, config.opset)
-    findings = check_for_target(lint_onnx(path), config.target)
-    for finding in findings:
-        log(f"warning: {finding}")
-    log(f"checking parity at batch {', '.join(map(str, parity_batches(config)))} "
-        "(random and real images)")
-    report = run_parity("onnxruntime", "fp32", reference, OnnxSession(path), cases)
-    if not report.passed:
-        _keep_aside(staging, run_dir.export_dir, report)
-        report.raise_if_failed()
-    _publish(staging, run_dir.export_dir, manifest)
-    manifest.inputs, manifest.outputs = info["inputs"], info["outputs"]
-    manifest.opset = config.opset
-    manifest.parity["onnxruntime"] = report.to_dict()
-    manifest.extra["batch_range"] = {"min": config.batch_min, "opt": config.batch_opt,
-                                     "max": config.batch_max}
-    manifest.extra["onnx"] = {"export_seconds": info["seconds"], "nodes": info["nodes"],
-                              "nodes_before_onnxslim": info["nodes_exported"],
-                              "lint": [str(f) for f in findings], "target": config.target}
-    log(f"onnxruntime parity passed: {_summary(report)}")
+    try:
+        built = FORMATS[fmt].build(job, staging)
+        batches = ", ".join(map(str, parity_batches(job.config)))
+        job.log(f"checking {built.backend} parity at batch {batches} (random and real images)")
+        report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
+        if not report.passed:
+            _keep_aside(staging, export_dir, report, built.files[0])
+            report.raise_if_failed()
+        _publish(staging, export_dir, manifest, built.files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest.parity[built.backend] = report.to_dict()
+    manifest.extra[fmt] = built.details
+    manifest.extra["batch_range"] = {"min": job.config.batch_min, "opt": job.config.batch_opt,
+                                     "max": job.config.batch_max}
+    if built.interface:
+        manifest.inputs, manifest.outputs = built.interface["inputs"], built.interface["outputs"]
+        manifest.opset = built.interface["opset"]
+    job.log(f"{built.backend} parity passed ({job.precision}): {_summary(report)}")
 
 
 def _form_gap(reference, deploy, cases) -> float:
@@ -151,18 +152,16 @@ def _existing_manifest(run_dir: RunDir) -> Manifest:
         return Manifest()  # unreadable: start afresh, the files it named are re-exported
 
 
-def _publish(staging: Path, export_dir: Path, manifest: Manifest) -> None:
-    for path in sorted(staging.iterdir()):
-        os.replace(path, export_dir / path.name)
-        manifest.add_file(export_dir, path.name)
-    shutil.rmtree(staging)
+def _publish(staging: Path, export_dir: Path, manifest: Manifest, files: list[str]) -> None:
+    for name in files:
+        os.replace(staging / name, export_dir / name)
+        manifest.add_file(export_dir, name)
 
 
-def _keep_aside(staging: Path, export_dir: Path, report: ParityReport) -> None:
+def _keep_aside(staging: Path, export_dir: Path, report: ParityReport, primary: str) -> None:
     for path in sorted(staging.iterdir()):
         os.replace(path, export_dir / f"{path.name}.failed")
-    atomic_write_json(export_dir / "model.onnx.failed.json", report.to_dict())
-    shutil.rmtree(staging)
+    atomic_write_json(export_dir / f"{primary}.failed.json", report.to_dict())
 
 
 def _summary(report: ParityReport) -> str:

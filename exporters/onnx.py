@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     started = time.perf_counter()
     batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
-    with _quiet_exporter():
+    with quiet_exporter():
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, opset_version=opset,
             input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
@@ -68,7 +68,7 @@ def slim_onnx(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """Silence the exporter's notes about torchvision ops and torch-internal deprecations,
     which say nothing about the user's model."""
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")

@@ -26,13 +26,13 @@ def verify_run(run_path: str | Path, log: Callable[[str], None] = print) -> list
     if not manifest.parity:
         raise ArtifactError(f"{run_dir.manifest_path}: no exported backend to verify")
     reference, run = load_model(run_dir.root)
-    batch = manifest.extra["batch_range"]
-    config = ExportConfig(batch_min=batch["min"], batch_opt=batch["opt"], batch_max=batch["max"])
-    cases = parity_inputs(run, reference.backbone.preprocessor, parity_batches(config),
-                          int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
     reports = []
     for backend, recorded in manifest.parity.items():
         predictor = load_predictor(run_dir.root, backend)
+        low, high = predictor.batch_range  # each export's own range (a TensorRT profile)
+        batches = parity_batches(ExportConfig(batch_min=low, batch_opt=low, batch_max=high))
+        cases = parity_inputs(run, reference.backbone.preprocessor, batches, seed)
         report = run_parity(backend, recorded["precision"], reference, predictor.run_pixels,
                             cases)
         status = "passed" if report.passed else "FAILED"

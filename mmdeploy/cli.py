@@ -14,6 +14,7 @@ import click
 
 from .errors import ConfigError, MmdeployError
 from .registry import ADAPTERS
+from .runtime import BACKENDS
 
 
 def _batch_range(text: str) -> tuple[int, int, int]:
@@ -33,14 +34,29 @@ def cli() -> None:
 
     \b
     mmdeploy train  --adapter hmmoe --data demo --backbone tiny --out runs/hmmoe-demo
+    mmdeploy train  --adapter ganet --data demo --out runs/ganet-demo --option k=5
     mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx
     mmdeploy verify runs/hmmoe-demo
     mmdeploy infer  runs/hmmoe-demo images/ -o preds.jsonl
     mmdeploy info   runs/hmmoe-demo
+    mmdeploy serve  runs/hmmoe-demo --port 7860
     """
 
 
-@cli.command()
+class _TrainCommand(click.Command):
+    """`train --help` ends with every adapter's options and defaults (imported only then)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .config import describe_options
+        from .registry import adapter_class
+
+        with formatter.section("Adapter options (--option KEY=VALUE; defaults shown)"):
+            formatter.write_dl([
+                (name, describe_options(adapter_class(name).config_class).replace(",", ", "))
+                for name in sorted(ADAPTERS)])
+
+
+@cli.command(cls=_TrainCommand)
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)),
               help="Adapter to train (baselines: linear-probe, lora, zero-shot); required "
                    "unless --resume.")
@@ -65,8 +81,9 @@ def cli() -> None:
               help="Seeds initialisation and data order.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seeds the train/val/test split.")
-@click.option("--ewc-lambda", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="EWC strength (0 = off).")
+@click.option("--ewc-lambda", type=click.FloatRange(min=0), default=None,
+              help="EWC strength (0 = off); default: the adapter's `ewc_lambda` option if it "
+                   "has one (ganet: 1.0), else 0.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Adapter option, repeatable (see `mmdeploy options ADAPTER`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
@@ -128,18 +145,24 @@ def options(adapter) -> None:
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default=None,
               help="Expected adapter of the run (checked).")
 @click.option("--format", "formats", default="onnx", show_default=True,
-              help="Comma-separated export formats.")
+              help="Comma-separated: onnx, aoti (AOTInductor .pt2), tensorrt (needs a GPU and "
+                   "the [trt] extra; builds from the ONNX, which it exports too if missing).")
 @click.option("--batch-range", default="1,8,32", show_default=True,
-              help="MIN,OPT,MAX batch of the dynamic axis; parity runs at MIN, an odd batch "
-                   "and MAX.")
+              help="MIN,OPT,MAX batch of the dynamic axis (TensorRT's profile); parity runs "
+                   "at MIN, an odd batch and MAX.")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="`tensorrt` turns the op lint's findings into errors.")
-def export(run_path, adapter, formats, batch_range, target) -> None:
+@click.option("--fp16", is_flag=True,
+              help="Build FP16 where the format has an FP16 path (tensorrt; aoti on CUDA); "
+                   "the ONNX graph stays FP32. Parity: cosine >= 0.999, top-1 >= 99.5%.")
+def export(run_path, adapter, formats, batch_range, target, fp16) -> None:
     """Merge, freeze and compile a run; publish only what passes parity.
 
     \b
-    Example:
+    Examples:
       mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx --batch-range 1,8,32
+      mmdeploy export --run runs/hmmoe-demo --format onnx,aoti
+      mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
     """
     from .artifacts import RunDir
     from .config import ExportConfig
@@ -151,7 +174,7 @@ def export(run_path, adapter, formats, batch_range, target) -> None:
         raise ConfigError(f"{run_path} holds a {run.adapter!r} adapter, not {adapter!r}")
     low, opt, high = _batch_range(batch_range)
     config = ExportConfig(formats=tuple(f.strip() for f in formats.split(",")), batch_min=low,
-                          batch_opt=opt, batch_max=high, target=target)
+                          batch_opt=opt, batch_max=high, target=target, fp16=fp16)
     manifest = export_run(run_path, config.formats, config, log=click.echo)
     click.echo(f"exported {', '.join(sorted(manifest.files))} -> {RunDir(run_path).export_dir}")
 
@@ -181,21 +204,32 @@ def verify(run_path) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Rows out: .jsonl or .csv.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: the fastest one present, and it says why.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Threads that decode and preprocess images while the model runs; 0 = "
+                   "decode on the main thread. Default: min(4, CPU cores).")
 @click.option("--resume", is_flag=True, help="Keep rows already in OUTPUT; skip those inputs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrite) -> None:
-    """Batch inference over folders, globs or manifests; one row per file.
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at the first bad input with an error (exit 1) instead of writing an "
+                   "error row; the rows before it are kept.")
+def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume, overwrite,
+          fail_fast) -> None:
+    """Batch inference over folders, globs or manifests; one row per file, written in input
+    order as it goes, with a progress bar and a summary at the end.
 
     \b
     Example:
       mmdeploy infer runs/hmmoe-demo photos/ 'more/*.jpg' list.csv -o preds.jsonl
+      mmdeploy infer runs/hmmoe-demo photos/ -o preds.jsonl --resume   # after a kill
     """
+    import itertools
+
     from .data import list_inputs
-    from .inference import run_inference
+    from .inference import DEFAULT_WORKERS, InferenceOptions, run_inference
     from .runtime import load_predictor, pick_backend
 
     if output.suffix.lower() not in (".jsonl", ".csv"):
@@ -204,15 +238,80 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, resume, overwrit
         raise ConfigError(f"{output}: folder {output.parent} does not exist")
     if output.exists() and not (resume or overwrite):
         raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
-    samples = [s for spec in inputs for s in list_inputs(spec)]
+    listed = itertools.chain.from_iterable([list_inputs(spec) for spec in inputs])
     chosen, skipped = pick_backend(run_path, backend)
     for reason in skipped:
         click.echo(f"not using {reason}", err=True)
     predictor = load_predictor(run_path, chosen)
     click.echo(f"backend: {predictor.describe()}", err=True)
-    summary = run_inference(predictor, samples, output, batch_size, top_k, resume=resume)
-    click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.skipped} "
-               f"already done) in {summary.seconds:.1f} s -> {output}")
+    options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
+                               fail_fast=fail_fast,
+                               workers=DEFAULT_WORKERS if workers is None else workers)
+    summary = run_inference(predictor, listed, output, options)
+    count = summary.duplicates
+    duplicates = f", {count} duplicate{'s' * (count != 1)} skipped" if count else ""
+    click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.resumed} "
+               f"already done{duplicates}) in {summary.seconds:.1f} s "
+               f"({summary.images_per_second:.1f} images/s) -> {output}")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated batch sizes, e.g. 1,8,32") from None
+    if min(values) < 1:
+        raise click.BadParameter("batch sizes must be at least 1")
+    return values
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(path_type=Path))
+@click.option("--batch", "batches", default="1,8,32", show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--backends", default=None,
+              help="Comma-separated subset of eager, compile, eager-fp16, onnxruntime, aoti, "
+                   "tensorrt (default: every one available; eager always runs).")
+@click.option("--backbone", type=click.Choice(["run", "vit-b16"]), default="run",
+              show_default=True,
+              help="`vit-b16`: build (or reuse) RUN as a one-step run on a random ViT-B/16-sized "
+                   "CLIP, exported to ONNX and AOTInductor, and bench that.")
+@click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default="hmmoe",
+              show_default=True, help="Adapter of the --backbone vit-b16 run.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Results file (default: benchmarks/results/<date>-<host>-<backbone>.json).")
+def bench(run_path, batches, backends, backbone, adapter, warmup, iters, out) -> None:
+    """Time every available backend against PyTorch eager in one process: median and p90
+    latency, images/s, peak memory, ratio to eager, and the frozen backbone alone beside
+    the adapted model.
+
+    \b
+    Examples:
+      mmdeploy bench runs/hmmoe-demo --batch 1,8,32
+      mmdeploy bench runs/bench-vitb16 --backbone vit-b16 --batch 1,8,32 --iters 10
+    """
+    from rich.console import Console
+
+    from .bench import bench_run, default_results_path, render_table, write_result
+
+    sizes = _batches(batches)
+    label = None
+    if backbone == "vit-b16":
+        from .vit_b16 import LABEL, prepare_run
+
+        prepare_run(run_path, adapter, sizes, log=click.echo)
+        label = LABEL
+    wanted = [b.strip() for b in backends.split(",")] if backends else None
+    result = bench_run(run_path, sizes, wanted, warmup, iters, label, log=click.echo)
+    for backend, reason in result.skipped.items():
+        click.echo(f"not benched: {backend}: {reason}", err=True)
+    # A pipe or a log has no width of its own: wide enough that rows stay on one line.
+    Console(width=None if sys.stdout.isatty() else 160).print(render_table(result))
+    path = out or default_results_path(label or Path(result.backbone).name)
+    write_result(result, path)
+    click.echo(f"-> {path}")
 
 
 @cli.command()
@@ -233,6 +332,51 @@ def info(run_path, as_json) -> None:
         return
     for key, value in details.items():
         click.echo(f"{key}: {value if not isinstance(value, dict | list) else json.dumps(value)}")
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Default: the fastest one present, and it says why.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 exposes the app to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True,
+              help="0 = any free port (the URL printed says which).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Requests predicted at once; others wait in the queue.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests that may wait; more are refused.")
+@click.option("--max-images", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per request.")
+@click.option("--max-file-mb", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Size of one uploaded file, in MiB.")
+def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
+          max_file_mb) -> None:
+    """Serve a run in a Gradio app (upload images, top-k classes, backend and latency) with
+    GET /health; stops cleanly on Ctrl+C or SIGTERM.
+
+    \b
+    Example:
+      mmdeploy serve runs/hmmoe-demo --port 7860
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the `ui` extra
+        raise ConfigError("serve needs gradio: pip install 'mm-peft-deploy[ui]'")
+    from .apps import server
+    from .apps.service import Classifier, ServeLimits
+
+    listener = server.bind(host, port)  # a busy port fails before the model loads
+    limits = ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20)
+    classifier = Classifier(run_path, backend, limits)
+    for reason in classifier.skipped:
+        click.echo(f"not using {reason}", err=True)
+    config = server.ServeConfig(host=host, port=port, concurrency=concurrency,
+                                max_queue=max_queue, limits=limits)
+    server.serve(classifier, config, listener, on_ready=lambda url: click.echo(
+        f"serving {run_path} ({classifier.details['adapter']}, {classifier.backend}) at {url}"
+        " (Ctrl+C to stop)"))
+    click.echo("stopped")
 
 
 def main() -> None:

@@ -100,6 +100,8 @@ class DataConfig(ConfigBase):
 
 @dataclass
 class TrainConfig(ConfigBase):
+    """How the adapter is trained; `ewc_lambda` None defers to the adapter's own default."""
+
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 32
@@ -109,7 +111,7 @@ class TrainConfig(ConfigBase):
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
-    ewc_lambda: float = 0.0
+    ewc_lambda: float | None = None  # None: the adapter config's `ewc_lambda`, else 0 (off)
     max_nan_steps: int = 5
 
 
@@ -121,6 +123,7 @@ class ExportConfig(ConfigBase):
     batch_max: int = 32
     opset: int = 18
     target: str = "onnxruntime"  # `tensorrt` makes the op lint an error instead of a warning
+    fp16: bool = False  # formats with an FP16 path build FP16 (tensorrt; aoti on CUDA)
 
 
 def parse_overrides(config_cls: type[T], pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -139,6 +139,29 @@ def tiny_run(tiny_run_build) -> Path:
     return tiny_run_build.path
 
 
+@pytest.fixture(scope="session")
+def ganet_run(tmp_path_factory) -> Path:
+    """One GA-Net run per session (a few steps on the tiny backbone), exported to ONNX and
+    AOTInductor. Read-only: copy it before changing anything."""
+    path = tmp_path_factory.mktemp("runs") / "ganet"
+    train = run_cli(["train", "--adapter", "ganet", "--out", path, "--max-steps", TINY_STEPS,
+                     "--shots", 4, "--lr", "1e-2", "--option", "rank=8"])
+    assert train.code == 0, str(train)
+    export = run_cli(["export", "--adapter", "ganet", "--run", path, "--format", "onnx,aoti"])
+    assert export.code == 0, str(export)
+    return path
+
+
+@pytest.fixture(scope="session")
+def aoti_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the session run with an AOTInductor package beside its ONNX export
+    (compiled once per session: about 15-30 s on 2 cores). Read-only."""
+    path = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("runs") / "hmmoe-aoti"))
+    export = run_cli(["export", "--run", path, "--format", "aoti"])
+    assert export.code == 0, str(export)
+    return path
+
+
 @pytest.fixture
 def run_copy(tiny_run, tmp_path) -> Path:
     """A private copy of the session run, for tests that damage it."""

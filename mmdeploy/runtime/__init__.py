@@ -1,61 +1,149 @@
-"""Runtime backends behind one `Predictor` interface, and the choice among them."""
+"""Runtime backends behind one `Predictor` interface, and the choice among them.
+
+DESIGN section 7's order, fastest first: TensorRT > ONNX Runtime on CUDA > AOTInductor on
+CUDA > ONNX Runtime on CPU > AOTInductor on CPU > PyTorch eager. A backend is passed over
+when the run has no verified export for it (said once per backend) or when this machine
+cannot run it on that device (said per device).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..artifacts import Manifest, RunDir
-from ..errors import BackendUnavailableError, ConfigError
-from .base import Predictor
+# Kept light (no torch): the CLI reads BACKENDS for `infer --backend` at import time.
+from ..errors import ArtifactError, BackendUnavailableError, ConfigError, MmdeployError
 
-BACKENDS = ("onnxruntime", "torch")  # fastest first
+if TYPE_CHECKING:
+    from ..artifacts import Manifest, RunDir
+    from .base import Predictor
+
+BACKENDS = ("tensorrt", "onnxruntime", "aoti", "torch")
+RANKING = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("aoti", "cuda"),
+           ("onnxruntime", "cpu"), ("aoti", "cpu"), ("torch", None))
 
 
-def _unavailable_reason(backend: str, run_dir: RunDir) -> str | None:
-    """Why `backend` cannot serve this run, or None if it can."""
+def _manifest(run_dir: RunDir) -> Manifest | None:
+    from ..artifacts import Manifest
+
+    if not run_dir.manifest_path.exists():
+        return None
+    try:
+        return Manifest.load(run_dir.manifest_path)
+    except ArtifactError:
+        return None
+
+
+def _artifact_reason(backend: str, manifest: Manifest | None) -> str | None:
+    """Why the run has nothing for `backend` to serve, or None."""
+    from .aoti import package_info
+    from .onnxruntime import ONNX_FILE
+    from .tensorrt import recorded_engine
+
     if backend == "torch":
         return None
+    if manifest is None:
+        return "the run has no export (run `mmdeploy export --format onnx`)"
+    if backend == "onnxruntime" and ("onnxruntime" not in manifest.parity
+                                     or ONNX_FILE not in manifest.files):
+        return "the run has no verified ONNX export"
+    if backend == "aoti" and package_info(manifest) is None:
+        return "the run has no verified AOTInductor package (`export --format aoti`)"
+    if backend == "tensorrt" and recorded_engine(manifest) is None:
+        return "the run has no verified TensorRT engine (`export --format tensorrt`)"
+    return None
+
+
+def _device_reason(backend: str, device: str | None, run_dir: RunDir,
+                   manifest: Manifest) -> str | None:
+    """Why `backend` cannot run the run's export on `device` here, or None."""
+    if backend == "tensorrt":
+        from .tensorrt import EngineSidecar, recorded_engine, runtime_info, unavailable_reason
+
+        if reason := unavailable_reason():
+            return reason
+        sidecar = run_dir.export_dir / recorded_engine(manifest)["sidecar"]
+        try:
+            EngineSidecar.load(sidecar).check_compatible(runtime_info())
+        except MmdeployError as exc:
+            return str(exc)
+        return None
     if backend == "onnxruntime":
-        from .onnxruntime import ONNX_FILE, available_providers
+        from .onnxruntime import available_providers, choose_providers
 
         try:
-            available_providers()
+            available = available_providers()
         except BackendUnavailableError as exc:
             return exc.reason
-        if not run_dir.manifest_path.exists():
-            return "the run has no export (run `mmdeploy export --format onnx`)"
-        manifest = Manifest.load(run_dir.manifest_path)
-        if "onnxruntime" not in manifest.parity or ONNX_FILE not in manifest.files:
-            return "the run has no verified ONNX export"
+        if device == "cuda" and "CUDAExecutionProvider" not in choose_providers(
+                available, tensorrt_importable=False).providers:
+            return "this onnxruntime has no CUDA provider (pip install 'mm-peft-deploy[gpu]')"
         return None
-    raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "aoti":
+        from .aoti import device_problem, package_info
+
+        compiled_for = package_info(manifest)["device"]
+        if compiled_for != device:
+            return f"model.pt2 is compiled for {compiled_for}, not {device}"
+        return device_problem(device)
+    return None
+
+
+def _reasons(backend: str, device: str | None, run_dir: RunDir) -> tuple[str | None, bool]:
+    """(why `backend` on `device` cannot serve the run or None, whether the reason is about
+    the run's files rather than the device)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    manifest = _manifest(run_dir)
+    if reason := _artifact_reason(backend, manifest):
+        return reason, True
+    return _device_reason(backend, device, run_dir, manifest), False
 
 
 def pick_backend(run_path: str | Path, requested: str | None = None) -> tuple[str, list[str]]:
-    """The backend to use and, for each faster one passed over, why."""
+    """The backend to use and, for each faster one passed over, why (once per backend for a
+    missing export, once per device for what this machine lacks)."""
+    from ..artifacts import RunDir
+
     run_dir = RunDir(Path(run_path))
     if requested is not None:
-        reason = _unavailable_reason(requested, run_dir)
-        if reason is not None:
-            raise BackendUnavailableError(requested, reason)
-        return requested, []
-    skipped = []
-    for backend in BACKENDS:
-        reason = _unavailable_reason(backend, run_dir)
+        candidates = [(b, d) for b, d in RANKING if b == requested] or [(requested, None)]
+        reasons = []
+        for backend, device in candidates:
+            reason, _ = _reasons(backend, device, run_dir)
+            if reason is None:
+                return requested, []
+            reasons.append(f"{device}: {reason}" if device and len(candidates) > 1 else reason)
+        raise BackendUnavailableError(requested, "; ".join(dict.fromkeys(reasons)))
+    skipped: list[str] = []
+    for backend, device in RANKING:
+        reason, about_files = _reasons(backend, device, run_dir)
         if reason is None:
             return backend, skipped
-        skipped.append(f"{backend}: {reason}")
+        line = f"{backend}: {reason}" if about_files else f"{backend} on {device}: {reason}"
+        if line not in skipped:
+            skipped.append(line)
     raise AssertionError("torch is always available")
 
 
 def load_predictor(run_path: str | Path, backend: str) -> Predictor:
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTPredictor
+
+        return TensorRTPredictor(run_path)
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimePredictor
 
         return OnnxRuntimePredictor(run_path)
-    from .torch import TorchPredictor
+    if backend == "aoti":
+        from .aoti import AotiPredictor
 
-    return TorchPredictor(run_path)
+        return AotiPredictor(run_path)
+    if backend == "torch":
+        from .torch import TorchPredictor
+
+        return TorchPredictor(run_path)
+    raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Predictor", "load_predictor", "pick_backend"]
+__all__ = ["BACKENDS", "RANKING", "load_predictor", "pick_backend"]

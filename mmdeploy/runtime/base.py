@@ -22,6 +22,8 @@ class Predictor(ABC):
     """
 
     backend: str = ""
+    device: str = "cpu"  # where it runs: "cpu" or "cuda"
+    precision: str = "fp32"
 
     def __init__(self, run_path: str | Path):
         self.run_dir = RunDir(Path(run_path))
@@ -53,8 +55,11 @@ class Predictor(ABC):
 
     def predict(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities [B, C] and top-1 label indices [B] for decoded RGB images."""
-        pixels = self.preprocessor(images)
-        logits = self.run_pixels(self.check_pixels(pixels))["logits"]
+        return self.predict_pixels(self.preprocessor(images))
+
+    def predict_pixels(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`predict` on pixels already preprocessed (batch inference does that in threads)."""
+        logits = self.run_pixels(self.check_pixels(pixel_values))["logits"]
         probs = _softmax(logits)
         return probs, probs.argmax(-1)
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..artifacts import Manifest
+from ..backbone import default_cache_dir
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Predictor
 
 ONNX_FILE = "model.onnx"
+INPUT_NAME = "pixel_values"
 
 
 def available_providers() -> list[str]:
@@ -22,32 +26,104 @@ def available_providers() -> list[str]:
     return onnxruntime.get_available_providers()
 
 
-def create_session(path: Path, threads: int | None = None):
-    """An InferenceSession on the best provider present (CUDA, else CPU)."""
+# Fastest first. The TensorRT provider needs TensorRT's own libraries beside onnxruntime-gpu.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The execution providers to ask for, best first, and why better ones were left out."""
+
+    providers: list[str]
+    skipped: list[str]
+
+
+def choose_providers(available: list[str], tensorrt_importable: bool) -> ProviderChoice:
+    """Pick providers from `onnxruntime.get_available_providers()`.
+
+    `onnxruntime-gpu` lists the TensorRT provider whether or not TensorRT's libraries are
+    installed (onnxruntime would then fall back with an error in its log), so it is only
+    asked for when `tensorrt` imports. CPU always comes last as the fallback.
+    """
+    providers, skipped = [], []
+    for name in GPU_PROVIDERS:
+        if name not in available:
+            skipped.append(f"{name}: not in this onnxruntime (pip install "
+                           "'mm-peft-deploy[gpu]' for onnxruntime-gpu)")
+        elif name == "TensorrtExecutionProvider" and not tensorrt_importable:
+            skipped.append(f"{name}: TensorRT's libraries are not installed (pip install "
+                           "'mm-peft-deploy[trt]')")
+        else:
+            providers.append(name)
+    return ProviderChoice([*providers, CPU_PROVIDER], skipped)
+
+
+def _tensorrt_importable() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def _provider_options(name: str, profile: tuple[tuple[int, ...], ...] | None) -> dict:
+    """TensorRT provider: cache engines across sessions and build one profile for the whole
+    batch range (otherwise it rebuilds an engine for every new batch size)."""
+    if name != "TensorrtExecutionProvider":
+        return {}
+    options = {"trt_engine_cache_enable": "True",
+               "trt_engine_cache_path": str(default_cache_dir() / "ort-tensorrt")}
+    if profile is not None:
+        for key, shape in zip(("min", "opt", "max"), profile, strict=True):
+            options[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:{'x'.join(map(str, shape))}"
+    return options
+
+
+def create_session(path: Path, threads: int | None = None,
+                   profile: tuple[tuple[int, ...], ...] | None = None):
+    """An InferenceSession on the best provider present (TensorRT, CUDA, else CPU).
+
+    `profile` is the (min, opt, max) input shape, for the TensorRT provider.
+    """
     import onnxruntime
 
-    preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in available_providers()]
+    choice = choose_providers(available_providers(), _tensorrt_importable())
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    providers = [(name, _provider_options(name, profile)) for name in choice.providers]
     try:
-        return onnxruntime.InferenceSession(str(path), options, providers=preferred)
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ArtifactError(f"{path}: onnxruntime cannot load it ({first_line})") from None
 
 
 class OnnxSession:
-    """An exported graph in ONNX Runtime: pixel_values in, outputs by name."""
+    """An exported graph in ONNX Runtime: pixel_values in, outputs by name.
 
-    def __init__(self, path: Path, threads: int | None = None):
-        self.session = create_session(path, threads)
+    On a GPU provider the input is copied to the device once and the outputs are bound on
+    the device (IO binding), so onnxruntime does not stage them through host buffers of
+    its own; they are copied back to the host once, at the end.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None,
+                 profile: tuple[tuple[int, ...], ...] | None = None):
+        self.session = create_session(path, threads, profile)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider != CPU_PROVIDER
+
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {"pixel_values": pixel_values})
+        if not self.on_gpu:
+            outputs = self.session.run(self.output_names, {INPUT_NAME: pixel_values})
+        else:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, pixel_values)
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            outputs = binding.copy_outputs_to_cpu()
         return dict(zip(self.output_names, outputs, strict=True))
 
 
@@ -64,7 +140,13 @@ class OnnxRuntimePredictor(Predictor):
                               [n for n in manifest.files if n.startswith(ONNX_FILE)])
         batch = manifest.extra.get("batch_range", {})
         self.batch_range = (batch.get("min", 1), batch.get("max"))
-        self.session = OnnxSession(self.run_dir.export_dir / ONNX_FILE, threads)
+        height, width = self.preprocessor.image_size
+        profile = None
+        if batch.get("max") is not None:
+            profile = tuple((batch[key], 3, height, width) for key in ("min", "opt", "max"))
+        self.session = OnnxSession(self.run_dir.export_dir / ONNX_FILE, threads, profile)
+        self.device = "cuda" if self.session.on_gpu else "cpu"
+        self.precision = manifest.parity["onnxruntime"]["precision"]
 
     def describe(self) -> str:
         return f"onnxruntime ({self.session.provider})"

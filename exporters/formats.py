@@ -1,0 +1,143 @@
+"""The export formats: format name -> how to build it into the staging folder.
+
+Each builder gets the deploy form and an empty staging folder, writes its files there and
+returns what the shared path in `export.py` needs: the files to publish, a callable that
+runs them (for parity) and the facts to record in the manifest. Staging, parity, keeping a
+failed export aside and publishing are the same for every format. A new format is one
+builder and one line in `FORMATS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from mmdeploy.artifacts import RunDir
+from mmdeploy.config import ExportConfig
+from mmdeploy.errors import ArtifactError, BackendUnavailableError, ConfigError
+from mmdeploy.runtime.aoti import PACKAGE_FILE, AotiPackage
+from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
+from mmdeploy.runtime.tensorrt import Profile, load_engine, unavailable_reason
+
+from .aoti import compile_aoti, fp16_problem
+from .lint import check_for_target, lint_onnx
+from .onnx import export_onnx
+from .tensorrt import build_engine
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class ExportJob:
+    """One format to build: the deploy form, where it goes, and at which precision."""
+
+    deploy: nn.Module
+    run_dir: RunDir
+    config: ExportConfig
+    precision: str
+    device: str
+    log: Callable[[str], None] = print
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.deploy.backbone.preprocessor.image_size
+
+
+@dataclass
+class Built:
+    """What a builder made. `files` are names in the staging folder, the main file first;
+    `interface` (inputs, outputs, opset) is recorded at the manifest's top level."""
+
+    backend: str
+    files: list[str]
+    candidate: Callable[[np.ndarray], Outputs]
+    details: dict
+    interface: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Format:
+    backend: str
+    build: Callable[[ExportJob, Path], Built]
+    fp16_problem: Callable[[str], str | None]  # device -> why no FP16 there, or None
+    needs_onnx: bool = False
+
+
+def _build_onnx(job: ExportJob, staging: Path) -> Built:
+    path = staging / ONNX_FILE
+    config = job.config
+    info = export_onnx(job.deploy, path, job.image_size, config.batch_min, config.batch_max,
+                       config.opset)
+    findings = check_for_target(lint_onnx(path), config.target)
+    for finding in findings:
+        job.log(f"warning: {finding}")
+    files = sorted(p.name for p in staging.iterdir())  # model.onnx (+ model.onnx.data)
+    details = {"export_seconds": info["seconds"], "nodes": info["nodes"],
+               "nodes_before_onnxslim": info["nodes_exported"],
+               "lint": [str(f) for f in findings], "target": config.target}
+    return Built("onnxruntime", files, OnnxSession(path), details,
+                 {"inputs": info["inputs"], "outputs": info["outputs"], "opset": config.opset})
+
+
+def _build_aoti(job: ExportJob, staging: Path) -> Built:
+    path = staging / PACKAGE_FILE
+    details = compile_aoti(job.deploy, path, job.image_size, job.config.batch_min,
+                           job.config.batch_max, job.device, job.precision)
+    job.log(f"compiled {PACKAGE_FILE} for {job.device} in {details['compile_seconds']:.1f} s")
+    return Built("aoti", [PACKAGE_FILE], AotiPackage(path, job.device, job.precision), details)
+
+
+def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
+    onnx_path = job.run_dir.export_dir / ONNX_FILE  # the verified, published graph
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path}: missing; TensorRT builds from the verified ONNX "
+                            "export (add onnx to --format)")
+    check_for_target(lint_onnx(onnx_path), "tensorrt")
+    config = job.config
+    profile = Profile.for_batches(config.batch_min, config.batch_opt, config.batch_max,
+                                  job.image_size)
+    engine, sidecar, details = build_engine(onnx_path, staging, profile, job.precision, job.log)
+    details.update({"engine": engine, "sidecar": sidecar, "profile": profile.to_dict()})
+    return Built("tensorrt", [engine, sidecar], load_engine(staging, engine, sidecar), details)
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format("onnxruntime", _build_onnx,
+                   lambda device: "the ONNX graph stays FP32 (TensorRT builds FP16 from it)"),
+    "aoti": Format("aoti", _build_aoti, fp16_problem),
+    "tensorrt": Format("tensorrt", _build_tensorrt, lambda device: None, needs_onnx=True),
+}
+
+
+def plan_formats(formats: tuple[str, ...], fp16: bool, device: str,
+                 has_onnx: bool) -> list[tuple[str, str]]:
+    """(format, precision) in build order, checked before anything is loaded or built.
+
+    Formats that build from the ONNX graph come after it, and bring it in when the run has
+    none yet. With `fp16`, every format with an FP16 path on `device` builds FP16; the ONNX
+    graph stays FP32 (it is what TensorRT reads); any other format without one is refused,
+    as is an `fp16` request that nothing would honour.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"unknown export format(s) {', '.join(unknown)}; "
+                          f"available: {', '.join(FORMATS)}")
+    wanted = set(formats)
+    if not has_onnx and any(FORMATS[f].needs_onnx for f in wanted):
+        wanted.add("onnx")
+    if "tensorrt" in wanted and (reason := unavailable_reason()):
+        raise BackendUnavailableError("tensorrt", reason)
+    plan = []
+    for fmt in (f for f in FORMATS if f in wanted):  # the table's order: onnx first
+        problem = FORMATS[fmt].fp16_problem(device) if fp16 else None
+        if problem and fmt != "onnx":
+            raise ConfigError(f"--fp16: {fmt} has no FP16 export here: {problem}")
+        plan.append((fmt, "fp16" if fp16 and not problem else "fp32"))
+    if fp16 and all(precision == "fp32" for _, precision in plan):
+        raise ConfigError("--fp16: none of the requested formats has an FP16 export (FP16 is "
+                          "built by tensorrt, and by aoti on CUDA)")
+    return plan

@@ -1,0 +1,375 @@
+"""`mmdeploy bench`: every available backend against PyTorch eager, in one process.
+
+For each batch size and backend, the adapted model (the run's deploy form, or its verified
+export) and the frozen backbone alone (the image tower and projection with the zero-shot
+head, exported the same way into a temporary folder) are timed after a warm-up: median and
+p90 latency, images/s, and the peak memory while that backend ran. Ratios are taken within
+the one run: speed-up over eager (eager median / backend median, adapted and backbone each
+against their own eager) and adapted / backbone on the same backend (the adapter's cost).
+
+Timings go from host pixels (numpy, FP32) to host outputs for every backend, eager
+included, so transfers are counted alike. Eager and `torch.compile` run the deploy form,
+the same function every exporter compiles. Peak memory is the process's resident set
+(Linux resets its high-water mark before each measurement; it includes every model
+loaded) and, on CUDA, torch's peak allocation (which does not see onnxruntime's or
+TensorRT's own allocators).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifacts import RunDir, atomic_write_json
+from .backbone import load_backbone
+from .errors import ConfigError, MmdeployError
+from .runs import RunConfig, load_model, load_run_config
+
+Outputs = dict[str, np.ndarray]
+# Eager is the reference and always runs; the others run where available.
+BENCH_BACKENDS = ("eager", "compile", "eager-fp16", "onnxruntime", "aoti", "tensorrt")
+_VERSIONED = ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers")
+
+
+@dataclass
+class Runner:
+    """One backend ready to run one model: host pixels in, host outputs out."""
+
+    backend: str
+    device: str
+    precision: str
+    run: Callable[[np.ndarray], Outputs]
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p90_ms: float
+    images_per_s: float
+    peak_rss_mb: float | None
+    cuda_peak_mb: float | None
+
+
+@dataclass
+class Row:
+    backend: str
+    device: str
+    precision: str
+    batch: int
+    adapted: Timing
+    backbone: Timing | None = None
+    speedup_vs_eager: float | None = None
+    backbone_speedup_vs_eager: float | None = None
+    adapted_over_backbone: float | None = None
+
+
+@dataclass
+class BenchResult:
+    created: str
+    host: str
+    machine: dict
+    versions: dict
+    run: str
+    adapter: str
+    backbone: str
+    image_size: list[int]
+    settings: dict
+    rows: list[Row] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    backbone_export_max_abs: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def measure(runner: Runner, pixels: np.ndarray, warmup: int, iters: int) -> Timing:
+    """Warm up, then time `iters` calls; memory peaks are taken over the timed calls."""
+    for _ in range(warmup):
+        runner.run(pixels)
+    cuda = runner.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reset = _reset_peak_rss()
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        runner.run(pixels)  # outputs come back to the host: the work is done when it returns
+        times.append((time.perf_counter() - started) * 1e3)
+    median = statistics.median(times)
+    return Timing(
+        median_ms=round(median, 4),
+        p90_ms=round(float(np.percentile(times, 90)), 4),
+        images_per_s=round(len(pixels) / median * 1e3, 2),
+        peak_rss_mb=round(_peak_rss_mb(), 1) if reset else None,
+        cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+    )
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+def torch_runner(module: nn.Module, backend: str, device: str, precision: str,
+                 compiled: bool = False) -> Runner:
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    module = module.to(device=device, dtype=dtype).eval()
+    # Freezing folds the frozen weights into the graph as constants (inference only).
+    call = torch.compile(module, options={"freezing": True}) if compiled else module
+
+    @torch.inference_mode()
+    def run(pixels: np.ndarray) -> Outputs:
+        logits, embeddings = call(torch.from_numpy(pixels).to(device=device, dtype=dtype))
+        return {"logits": logits.float().cpu().numpy(),
+                "embeddings": embeddings.float().cpu().numpy()}
+
+    return Runner(backend, device, precision, run)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _eager_runners(deploy: nn.Module, wanted: set[str], skipped: dict) -> list[Runner]:
+    device = _device()
+    runners = [torch_runner(deploy, "eager", device, "fp32")]
+    if "compile" in wanted:
+        runners.append(torch_runner(deploy, "compile", device, "fp32", compiled=True))
+    if "eager-fp16" in wanted:
+        if device == "cuda":
+            runners.append(torch_runner(copy.deepcopy(deploy), "eager-fp16", device, "fp16"))
+        else:
+            skipped["eager-fp16"] = "FP16 eager is measured on CUDA only"
+    return runners
+
+
+def _export_runner(run_dir: RunDir, backend: str) -> Runner:
+    """The run's verified export on `backend`, through its runtime predictor."""
+    from .runtime import load_predictor, pick_backend
+
+    pick_backend(run_dir.root, backend)  # raises with the reason when it cannot run here
+    predictor = load_predictor(run_dir.root, backend)
+    return Runner(backend, predictor.device, predictor.precision, predictor.run_pixels)
+
+
+def _backbone_runner(frozen: nn.Module, backend: str, precision: str,
+                     batch_range: tuple[int, int, int], workdir: Path) -> Runner:
+    """The frozen backbone exported to `backend` the way the run's model was (TensorRT
+    builds from the same ONNX file onnxruntime runs)."""
+    from .exporters.aoti import compile_aoti
+    from .exporters.onnx import export_onnx
+    from .runtime.onnxruntime import OnnxSession
+
+    low, opt, high = batch_range
+    image_size = frozen.backbone.preprocessor.image_size
+    onnx_path = workdir / "model.onnx"
+    if backend in ("onnxruntime", "tensorrt") and not onnx_path.exists():
+        export_onnx(frozen, onnx_path, image_size, low, high, 18)
+    if backend == "onnxruntime":
+        session = OnnxSession(onnx_path)
+        return Runner(backend, "cuda" if session.on_gpu else "cpu", precision, session)
+    if backend == "aoti":
+        from .runtime.aoti import AotiPackage
+
+        device = _device()
+        compile_aoti(frozen, workdir / "model.pt2", image_size, low, high, device, precision)
+        return Runner(backend, device, precision,
+                      AotiPackage(workdir / "model.pt2", device, precision))
+    from .exporters.tensorrt import build_engine
+    from .runtime.tensorrt import Profile, load_engine
+
+    profile = Profile.for_batches(low, opt, high, image_size)
+    engine, sidecar, _ = build_engine(onnx_path, workdir, profile, precision, log=lambda _: None)
+    return Runner(backend, "cuda", precision, load_engine(workdir, engine, sidecar))
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def bench_run(run_path: str | Path, batches: list[int], backends: list[str] | None = None,
+              warmup: int = 5, iters: int = 30, backbone_label: str | None = None,
+              log: Callable[[str], None] = print) -> BenchResult:
+    """Bench every requested backend (default: all available) of a run."""
+    unknown = sorted(set(backends or ()) - set(BENCH_BACKENDS))
+    if unknown:
+        raise ConfigError(f"unknown bench backend(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(BENCH_BACKENDS)}")
+    if not batches or min(batches) < 1:
+        raise ConfigError("--batch needs positive batch sizes, e.g. 1,8,32")
+    wanted = set(backends or BENCH_BACKENDS) | {"eager"}
+    run_dir = RunDir(Path(run_path))
+    run = load_run_config(run_dir)
+    log(f"loading {run.adapter} run {run_dir.root}")
+    deploy = load_model(run_dir.root)[0].to_deploy()
+    frozen = _frozen_backbone(run)
+    skipped: dict[str, str] = {}
+    adapted = _eager_runners(deploy, wanted, skipped)
+    baseline = _eager_runners(frozen, wanted, {})
+    for backend in ("onnxruntime", "aoti", "tensorrt"):
+        if backend not in wanted:
+            continue
+        try:
+            adapted.append(_export_runner(run_dir, backend))
+        except MmdeployError as exc:
+            skipped[backend] = str(exc)
+    result = _new_result(run_dir, run, deploy, batches, warmup, iters, backbone_label, skipped)
+    height, width = deploy.backbone.preprocessor.image_size
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="mmdeploy-bench-") as tmp:
+        batch_range = (min(batches), min(batches), max(batches))
+        for runner in adapted[len(baseline):]:
+            log(f"exporting the backbone alone to {runner.backend} for comparison")
+            baseline.append(_backbone_runner(frozen, runner.backend, runner.precision,
+                                             batch_range, Path(tmp)))
+        _check_backbone_exports(baseline, result, (height, width))
+        for batch in batches:
+            pixels = rng.standard_normal((batch, 3, height, width), dtype=np.float32)
+            eager = None
+            for runner, reference in zip(adapted, baseline, strict=True):
+                log(f"batch {batch}: {runner.backend}")
+                row = Row(runner.backend, runner.device, runner.precision, batch,
+                          measure(runner, pixels, warmup, iters),
+                          measure(reference, pixels, warmup, iters))
+                eager = eager or row
+                row.speedup_vs_eager = _ratio(eager.adapted.median_ms, row.adapted.median_ms)
+                row.backbone_speedup_vs_eager = _ratio(eager.backbone.median_ms,
+                                                       row.backbone.median_ms)
+                row.adapted_over_backbone = _ratio(row.adapted.median_ms,
+                                                   row.backbone.median_ms)
+                result.rows.append(row)
+    return result
+
+
+def _frozen_backbone(run: RunConfig) -> nn.Module:
+    """The backbone alone with the zero-shot head, in its deploy form (no text tower)."""
+    from .models.baselines.model import ZeroShotModel
+
+    backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
+    model = ZeroShotModel(backbone, ZeroShotModel.config_class(), run.class_names,
+                          run.data.prompt_template)
+    return model.to_deploy()
+
+
+def _check_backbone_exports(runners: list[Runner], result: BenchResult,
+                            image_size: tuple[int, int]) -> None:
+    """Max abs logit difference of each backbone runner (compiled, or exported for the bench
+    only) from the backbone's eager run: recorded, not a gate."""
+    pixels = np.random.default_rng(1).standard_normal((2, 3, *image_size), dtype=np.float32)
+    expected = runners[0].run(pixels)["logits"]
+    for runner in runners[1:]:
+        got = runner.run(pixels)["logits"]
+        result.backbone_export_max_abs[runner.backend] = float(np.abs(got - expected).max())
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 4)
+
+
+def _new_result(run_dir: RunDir, run: RunConfig, deploy: nn.Module, batches: list[int],
+                warmup: int, iters: int, label: str | None, skipped: dict) -> BenchResult:
+    return BenchResult(
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        host=platform.node(),
+        machine=_machine(),
+        versions=_versions(),
+        run=str(run_dir.root),
+        adapter=run.adapter,
+        backbone=label or run.backbone.spec,
+        image_size=list(deploy.backbone.preprocessor.image_size),
+        settings={"batches": batches, "warmup": warmup, "iters": iters},
+        skipped=skipped,
+    )
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": gpu}
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def default_results_path(label: str) -> Path:
+    """benchmarks/results/<date>-<host>-<backbone>.json under the current directory."""
+    name = f"{datetime.date.today()}-{platform.node()}-{label}.json"
+    return Path("benchmarks") / "results" / name
+
+
+def write_result(result: BenchResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result.to_dict())
+
+
+def render_table(result: BenchResult):
+    """A rich Table: one line per backend and batch."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.adapter} on {result.backbone} "
+                        f"({result.machine['cpu']}, {result.machine['torch_threads']} threads)")
+    for column in ("backend", "batch", "median ms", "p90 ms", "img/s", "peak RSS MB",
+                   "x eager", "backbone ms", "backbone x eager", "adapter overhead"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in result.rows:
+        table.add_row(
+            f"{row.backend} {row.device} {row.precision}", str(row.batch),
+            f"{row.adapted.median_ms:.3f}", f"{row.adapted.p90_ms:.3f}",
+            f"{row.adapted.images_per_s:,.0f}",
+            "-" if row.adapted.peak_rss_mb is None else f"{row.adapted.peak_rss_mb:,.0f}",
+            f"{row.speedup_vs_eager:.2f}x", f"{row.backbone.median_ms:.3f}",
+            f"{row.backbone_speedup_vs_eager:.2f}x",
+            f"{(row.adapted_over_backbone - 1) * 100:+.1f}%")
+    return table

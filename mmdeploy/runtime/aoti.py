@@ -1,0 +1,74 @@
+"""AOTInductor: the run's compiled `model.pt2` package, loaded with torch alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import Manifest
+from ..errors import ArtifactError, BackendUnavailableError
+from .base import Predictor
+
+PACKAGE_FILE = "model.pt2"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def package_info(manifest: Manifest) -> dict | None:
+    """What the export recorded about the package (device, precision, batch range), or None
+    when the run has no verified one."""
+    if PACKAGE_FILE not in manifest.files or "aoti" not in manifest.parity:
+        return None
+    return manifest.extra.get("aoti")
+
+
+def device_problem(device: str) -> str | None:
+    """Why a package compiled for `device` cannot run here, or None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "model.pt2 is compiled for CUDA and this machine has no CUDA device"
+    return None
+
+
+class AotiPackage:
+    """A loaded `.pt2` package: pixel_values (numpy, FP32) in, outputs by name."""
+
+    def __init__(self, path: Path, device: str, precision: str):
+        if problem := device_problem(device):
+            raise BackendUnavailableError("aoti", problem)
+        self.device, self.precision, self.dtype = device, precision, _DTYPES[precision]
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # the loader raises untyped errors for a bad package
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{path}: AOTInductor cannot load it ({first_line})") from None
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(pixel_values).to(device=self.device, dtype=self.dtype)
+        logits, embeddings = self.runner(pixels)
+        return {"logits": logits.float().cpu().numpy(),
+                "embeddings": embeddings.float().cpu().numpy()}
+
+
+class AotiPredictor(Predictor):
+    backend = "aoti"
+
+    def __init__(self, run_path: str | Path):
+        super().__init__(run_path)
+        manifest = Manifest.load(self.run_dir.manifest_path)
+        info = package_info(manifest)
+        if info is None:
+            raise ArtifactError(f"{self.run_dir.export_dir}: no verified {PACKAGE_FILE}; run "
+                                "`mmdeploy export --format aoti` first")
+        manifest.verify_files(self.run_dir.export_dir, [PACKAGE_FILE])
+        self.batch_range = (info["batch_range"]["min"], info["batch_range"]["max"])
+        self.package = AotiPackage(self.run_dir.export_dir / PACKAGE_FILE, info["device"],
+                                   info["precision"])
+        self.device, self.precision = info["device"], info["precision"]
+
+    def describe(self) -> str:
+        return f"aoti ({self.device}, {self.precision})"
+
+    def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        return self.package(pixel_values)
