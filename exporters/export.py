@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json
+from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import ExportConfig
 from mmdeploy.data import load_labeled, make_splits, read_image
@@ -106,7 +105,7 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
         _export_format(fmt, job, reference, cases, manifest)
         # Saved after each format: a later one failing leaves this one listed and servable.
         manifest.extra.update({"deploy_form_max_abs": form_gap, "parity_seed": seed})
-        manifest.versions = _versions()
+        manifest.versions = installed_versions(_VERSIONED)
         manifest.save(run_dir.manifest_path)
     return manifest
 
@@ -169,11 +168,3 @@ def _summary(report: ParityReport) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in worst.items() if v is not None)
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in _VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmdeploy.artifacts import atomic_output
+from mmdeploy.errors import MmdeployError
 
 # Above this the protobuf's 2 GB limit is near: weights go to `model.onnx.data`.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -38,6 +39,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
             external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
     seconds = time.perf_counter() - started
     onnx.checker.check_model(str(path), full_check=True)
+    _check_dynamic_batch(onnx.load(str(path), load_external_data=False).graph)
     nodes_exported = len(onnx.load(str(path), load_external_data=False).graph.node)
     if weight_bytes <= EXTERNAL_DATA_BYTES:
         slim_onnx(path)
@@ -80,6 +82,18 @@ def quiet_exporter():
             yield
     finally:
         registration.setLevel(level)
+
+
+def _check_dynamic_batch(graph: onnx.GraphProto) -> None:
+    """When the model pins the batch size (`len(tensor)`, `.item()`, a Python loop over the
+    batch), the dynamo exporter falls back to a fixed-shape graph with no error: say so."""
+    for value in graph.input:
+        batch = value.type.tensor_type.shape.dim[0]
+        if not batch.dim_param:
+            raise MmdeployError(
+                f"the exported graph's input {value.name!r} has a fixed batch of "
+                f"{batch.dim_value}: the deploy form pins the batch size (len() of a tensor, "
+                ".item(), or a Python loop over the batch); use tensor.shape[0] instead")
 
 
 def _describe(value: onnx.ValueInfoProto) -> dict:

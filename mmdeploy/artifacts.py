@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +376,14 @@ _MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
     "extra": dict,
 }
 _JSON_NAMES = {dict: "JSON object", list: "JSON list", (int, type(None)): "integer or null"}
+
+
+def installed_versions(distributions: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each distribution present (for manifests and results)."""
+    found = {}
+    for name in distributions:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

@@ -26,14 +26,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import RunDir, atomic_write_json
+from .artifacts import RunDir, atomic_write_json, installed_versions
 from .backbone import load_backbone
 from .errors import ConfigError, MmdeployError
 from .runs import RunConfig, load_model, load_run_config
@@ -310,7 +309,7 @@ def _new_result(run_dir: RunDir, run: RunConfig, deploy: nn.Module, batches: lis
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         host=platform.node(),
         machine=_machine(),
-        versions=_versions(),
+        versions=installed_versions(_VERSIONED),
         run=str(run_dir.root),
         adapter=run.adapter,
         backbone=label or run.backbone.spec,
@@ -333,14 +332,6 @@ def _machine() -> dict:
             "gpu": gpu}
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in _VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def default_results_path(label: str) -> Path:

@@ -4,8 +4,6 @@ and one function in its three forms (torch_geometric, dense, deployed)."""
 import pytest
 import torch
 
-from mmdeploy.backbone import load_backbone
-from mmdeploy.config import BackboneConfig
 from mmdeploy.errors import ConfigError
 from mmdeploy.models.baselines.model import ZeroShotModel
 from mmdeploy.models.ganet.config import GANetConfig
@@ -13,12 +11,6 @@ from mmdeploy.models.ganet.model import GANetModel
 
 CLASSES = ["bear", "cat", "zebra"]
 TEMPLATE = "a photo of a {}."
-
-
-@pytest.fixture
-def backbone_factory(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "backbones"
-    return lambda: load_backbone(BackboneConfig(cache_dir=str(cache)))
 
 
 def training_split(count: int = 24, seed: int = 0):

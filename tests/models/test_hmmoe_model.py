@@ -3,20 +3,12 @@
 import pytest
 import torch
 
-from mmdeploy.backbone import load_backbone
-from mmdeploy.config import BackboneConfig
 from mmdeploy.models.baselines.model import ZeroShotModel
 from mmdeploy.models.hmmoe.config import HMMoEConfig
 from mmdeploy.models.hmmoe.model import HMMoEModel
 
 CLASSES = ["bear", "cat", "zebra"]
 TEMPLATE = "a photo of a {}."
-
-
-@pytest.fixture
-def backbone_factory(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "backbones"
-    return lambda: load_backbone(BackboneConfig(cache_dir=str(cache)))
 
 
 def randomise(model):
