@@ -1,1 +1,2 @@
-"""TODO"""
+"""The adapters (one folder each: config, layers, model) on a frozen backbone, and the
+base class they share."""

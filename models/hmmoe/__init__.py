@@ -1,1 +1,1 @@
-"""TODO"""
+"""HMMoE: a heterogeneous mixture-of-experts adapter beside the image tower's FFNs."""

@@ -13,6 +13,8 @@ given that state. `forward(x, ctx)` chains the two.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
-class Expert(nn.Module):
+class Expert(nn.Module, ABC):
     """Base of the experts: `forward(x, ctx) = map_tokens(x, condition(x, ctx))`.
 
     Shapes:
@@ -43,8 +45,9 @@ class Expert(nn.Module):
     def condition(self, x: Tensor, ctx: Tensor) -> State:
         return ()
 
+    @abstractmethod
     def map_tokens(self, tokens: Tensor, state: State) -> Tensor:
-        raise NotImplementedError
+        """The expert's low-rank map of `tokens`, conditioned by `state`."""
 
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         return self.map_tokens(x, self.condition(x, ctx))
