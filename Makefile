@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,ui
+EXTRAS ?= dev,ui,ray,triton
 BIN := $(VENV)/bin
 RUN ?= runs/hmmoe-demo
 PORT ?= 7860
