@@ -146,7 +146,9 @@ def options(adapter) -> None:
               help="Expected adapter of the run (checked).")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Comma-separated: onnx, aoti (AOTInductor .pt2), tensorrt (needs a GPU and "
-                   "the [trt] extra; builds from the ONNX, which it exports too if missing).")
+                   "the [trt] extra; builds from the ONNX, which it exports too if missing), "
+                   "triton (a Triton model repository of the verified ONNX and TensorRT files; "
+                   "the [triton] extra).")
 @click.option("--batch-range", default="1,8,32", show_default=True,
               help="MIN,OPT,MAX batch of the dynamic axis (TensorRT's profile); parity runs "
                    "at MIN, an odd batch and MAX.")
@@ -155,7 +157,9 @@ def options(adapter) -> None:
 @click.option("--fp16", is_flag=True,
               help="Build FP16 where the format has an FP16 path (tensorrt; aoti on CUDA); "
                    "the ONNX graph stays FP32. Parity: cosine >= 0.999, top-1 >= 99.5%.")
-def export(run_path, adapter, formats, batch_range, target, fp16) -> None:
+@click.option("--out", "triton_out", type=click.Path(path_type=Path), default=None,
+              help="With --format triton: the model repository's folder (default RUN/triton).")
+def export(run_path, adapter, formats, batch_range, target, fp16, triton_out) -> None:
     """Merge, freeze and compile a run; publish only what passes parity.
 
     \b
@@ -163,20 +167,30 @@ def export(run_path, adapter, formats, batch_range, target, fp16) -> None:
       mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx --batch-range 1,8,32
       mmdeploy export --run runs/hmmoe-demo --format onnx,aoti
       mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
+      mmdeploy export --run runs/hmmoe-demo --format triton --out model_repository
     """
     from .artifacts import RunDir
     from .config import ExportConfig
     from .exporters.export import export_run
+    from .exporters.triton import model_config_pb2, split_formats, write_repository
     from .runs import load_run_config
 
     run = load_run_config(RunDir(run_path))
     if adapter is not None and adapter != run.adapter:
         raise ConfigError(f"{run_path} holds a {run.adapter!r} adapter, not {adapter!r}")
     low, opt, high = _batch_range(batch_range)
-    config = ExportConfig(formats=tuple(f.strip() for f in formats.split(",")), batch_min=low,
-                          batch_opt=opt, batch_max=high, target=target, fp16=fp16)
-    manifest = export_run(run_path, config.formats, config, log=click.echo)
-    click.echo(f"exported {', '.join(sorted(manifest.files))} -> {RunDir(run_path).export_dir}")
+    wanted, triton = split_formats(tuple(f.strip() for f in formats.split(",")), run_path)
+    if triton:
+        model_config_pb2()  # say which extra is missing before exporting anything
+    if wanted:
+        config = ExportConfig(formats=wanted, batch_min=low, batch_opt=opt, batch_max=high,
+                              target=target, fp16=fp16)
+        manifest = export_run(run_path, config.formats, config, log=click.echo)
+        click.echo(f"exported {', '.join(sorted(manifest.files))} -> "
+                   f"{RunDir(run_path).export_dir}")
+    if triton:
+        repository = write_repository(run_path, triton_out, log=click.echo)
+        click.echo(f"Triton model repository (validated) -> {repository}")
 
 
 @cli.command()

@@ -1,0 +1,96 @@
+"""Classify images on a Triton server that serves a repository written by
+`mmdeploy export --format triton` (copied into it as `client.py`).
+
+    python client.py --url localhost:8001 --model NAME photo.jpg more.png
+
+Images are decoded and preprocessed by the toolkit itself, with the preprocessing the
+export recorded in `NAME/mmdeploy.json`, so the server sees exactly the pixels
+`mmdeploy infer` would feed the model; rows are printed in `mmdeploy infer`'s format.
+Needs `pip install 'mm-peft-deploy[triton]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mmdeploy.errors import InputError
+from mmdeploy.images import Preprocessor, load_image
+from mmdeploy.rows import error_row, prediction_row
+
+HERE = Path(__file__).resolve().parent
+
+
+def model_folder(name: str | None, root: Path = HERE) -> Path:
+    """The named model folder, or the repository's ONNX model when none is named."""
+    if name is None:
+        name = min(p.parent.name for p in root.glob("*/mmdeploy.json"))
+    return root / name
+
+
+def preprocess(model_dir: Path, paths: list[str]) -> tuple[np.ndarray, list[dict | None]]:
+    """Pixels [N, 3, H, W] of the images that decode, and an error row (or None) per path."""
+    preprocessor = Preprocessor.from_dict(
+        json.loads((model_dir / "mmdeploy.json").read_text())["preprocessing"])
+    images, rows = [], []
+    for path in paths:
+        try:
+            image = load_image(path)
+            preprocessor.check(image, path)
+        except InputError as exc:
+            rows.append(error_row(path, str(exc)))
+            continue
+        images.append(image)
+        rows.append(None)
+    height, width = preprocessor.image_size
+    pixels = preprocessor(images) if images else np.zeros((0, 3, height, width), np.float32)
+    return pixels, rows
+
+
+def request(pixels: np.ndarray):
+    """The gRPC inputs and requested outputs for one batch of pixels."""
+    import tritonclient.grpc as grpcclient
+
+    pixel_values = grpcclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+    pixel_values.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return [pixel_values], [grpcclient.InferRequestedOutput("logits")]
+
+
+def rows_from_logits(paths: list[str], rows: list[dict | None], logits: np.ndarray,
+                     class_names: list[str], top_k: int = 5) -> list[dict]:
+    """Fill the rows of the decoded images from the model's logits, in path order."""
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = iter(shifted / shifted.sum(-1, keepdims=True))
+    return [row if row is not None else
+            prediction_row(path, (prob := next(probs)), int(prob.argmax()), class_names, top_k)
+            for path, row in zip(paths, rows, strict=True)]
+
+
+def main() -> None:
+    import tritonclient.grpc as grpcclient
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--url", default="localhost:8001", help="Triton's gRPC address.")
+    parser.add_argument("--model", default=None, help="Model name (default: the ONNX one).")
+    parser.add_argument("--top-k", type=int, default=5)
+    args = parser.parse_args()
+    model_dir = model_folder(args.model)
+    class_names = (model_dir / "labels.txt").read_text().splitlines()
+    pixels, rows = preprocess(model_dir, args.images)
+    batch = json.loads((model_dir / "mmdeploy.json").read_text())["batch_range"]["max"]
+    client = grpcclient.InferenceServerClient(args.url)
+    logits = [np.zeros((0, len(class_names)), np.float32)]
+    for start in range(0, len(pixels), batch):  # the server refuses batches over its max
+        inputs, outputs = request(pixels[start:start + batch])
+        result = client.infer(model_dir.name, inputs, outputs=outputs)
+        logits.append(result.as_numpy("logits"))
+    for row in rows_from_logits(args.images, rows, np.concatenate(logits), class_names, args.top_k):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
