@@ -36,7 +36,7 @@ from .rows import COLUMNS, RowWriter, completed_paths, error_row, prediction_row
 from .runtime.base import Predictor
 
 __all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
-           "run_inference"]
+           "new_inputs", "predict_rows", "prepare_input", "run_inference"]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -76,13 +76,13 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     done = completed_paths(output) if options.resume else set()
     high = predictor.batch_range[1]
     batch_size = min(options.batch_size, high) if high else options.batch_size
-    prepare = partial(_prepare, predictor.preprocessor)
-    todo = _new_inputs(inputs, done, summary)
+    prepare = partial(prepare_input, predictor.preprocessor)
+    todo = new_inputs(inputs, done, summary)
     prepared = _in_order(prepare, todo, options.workers, depth=2 * batch_size)
     with (contextlib.closing(prepared), RowWriter(output, append=options.resume) as writer,
           progress(desc=f"infer ({predictor.backend})", unit="img") as bar):
         for batch in _batches(prepared, batch_size):
-            rows = _predict(predictor, batch, options.top_k)
+            rows = predict_rows(predictor, batch, options.top_k)
             failed = [i for i, row in enumerate(rows) if row["error"] is not None]
             if options.fail_fast and failed:
                 writer.write(rows[: failed[0]])
@@ -99,7 +99,7 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     return summary
 
 
-def _new_inputs(inputs: Iterable[Entry], done: set[str],
+def new_inputs(inputs: Iterable[Entry], done: set[str],
                 summary: InferenceSummary) -> Iterator[Entry]:
     """The inputs without a row yet, each once; counts what it leaves out."""
     claimed: set[str] = set()
@@ -113,7 +113,7 @@ def _new_inputs(inputs: Iterable[Entry], done: set[str],
             yield entry
 
 
-def _prepare(preprocessor: Preprocessor, entry: Entry) -> Prepared:
+def prepare_input(preprocessor: Preprocessor, entry: Entry) -> Prepared:
     """Decode and preprocess one input (in a worker thread), or say why it cannot be."""
     if isinstance(entry, BadEntry):
         return entry.error
@@ -161,7 +161,8 @@ def _batches(pairs: Iterator[tuple[Item, Result]],
         yield batch
 
 
-def _predict(predictor: Predictor, batch: list[tuple[Entry, Prepared]], top_k: int) -> list[dict]:
+def predict_rows(predictor: Predictor, batch: list[tuple[Entry, Prepared]],
+                 top_k: int) -> list[dict]:
     """Rows for one batch in input order; the inputs that could not be prepared are error
     rows, the others are predicted together."""
     rows: list[dict | None] = [

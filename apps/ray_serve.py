@@ -1,0 +1,224 @@
+"""Online serving on Ray Serve (DESIGN section 9): `mmdeploy serve RUN --engine ray`.
+
+N replicas, each holding one predictor (a `Classifier`, as in the Gradio app), behind Ray
+Serve's HTTP proxy:
+
+    POST /predict  multipart/form-data, one `files` part per image
+                   (curl -F files=@cat.jpg -F files=@dog.png URL/predict):
+                   200 {"rows": [the `mmdeploy infer` row of each image, in upload order],
+                   "backend": ...}; an image that does not decode gets its error row.
+                   400 {"error": ...} when no image decodes or a request breaks a limit,
+                   413 for a file over --max-file-mb, 503 when the queue is full.
+    GET  /health   status, backend, this replica's id and counters
+    GET  /info     the run (as `mmdeploy info --json`) and how it is served
+
+An upload goes through the steps `infer` takes for a file (`load_image`,
+`Preprocessor.check`, the preprocessor, `rows.prediction_row` / `rows.error_row`), so it
+gets the row `infer` writes for that file (scores equal to about 1e-6: the batch it is
+predicted in differs). Decoding runs per request in a thread; prediction is batched across
+the requests a replica holds (`serve.batch`: up to --concurrency requests, waiting at most
+--batch-wait-ms for more), one model call per batch.
+
+Back-pressure is Ray Serve's own: a replica takes --concurrency requests at once
+(`max_ongoing_requests`), each caller (the HTTP proxy) queues up to --max-queue more
+(`max_queued_requests`) and answers 503 beyond. Parsing multipart bodies needs the
+python-multipart package.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route parameters' types
+# (`request: Request`) at run time, and in a Serve replica string annotations do not resolve.
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ..data import display_name
+from ..errors import ConfigError, InputError
+from ..ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
+from ..rows import prediction_row
+from ..runtime import pick_backend
+from .service import Classifier, ServeLimits
+
+APP_NAME = "mmdeploy"
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """How the run is served. Each replica takes `concurrency` requests at once and predicts
+    them in batches of up to that many requests; each proxy queues `max_queue` more."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    concurrency: int = 2
+    max_queue: int = 64
+    batch_wait_ms: float = 10.0
+    limits: ServeLimits = ServeLimits()
+    precision: str = "fp32"
+    address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray
+
+
+class _TooLarge(InputError):
+    """An upload over the size limit (answered 413, not 400)."""
+
+
+api = FastAPI(title="mmdeploy (Ray Serve)")
+
+
+@serve.deployment(name="classifier")
+@serve.ingress(api)
+class ClassifierDeployment:
+    """One replica: a `Classifier` (run + predictor, loaded once) behind the HTTP routes."""
+
+    def __init__(self, run_path: str, backend: str, config: RayServeConfig):
+        self.classifier = Classifier(run_path, backend, config.limits, config.precision)
+        self.limits = config.limits
+        self.serving = {key: value for key, value in asdict(config).items()
+                        if key not in ("address", "limits")}
+        self.serving["limits"] = config.limits.describe()
+        self.predict_batch.set_max_batch_size(config.concurrency)
+        self.predict_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        uploads: list[tuple[str, bytes]] = []
+        try:
+            uploads = await self._uploads(request)
+            rows, pixels = await asyncio.to_thread(self._decode, uploads)
+            probs, labels = await self.predict_batch(pixels)
+        except InputError as exc:
+            self.classifier.counters.add(len(uploads), failed=True)
+            status = 413 if isinstance(exc, _TooLarge) else 400
+            return JSONResponse({"error": str(exc)}, status_code=status)
+        waiting = [i for i, row in enumerate(rows) if row is None]
+        for position, prob, label in zip(waiting, probs, labels, strict=True):
+            rows[position] = prediction_row(uploads[position][0], prob, int(label),
+                                            self.classifier.class_names, self.limits.top_k)
+        self.classifier.counters.add(len(rows), failed=False)
+        return JSONResponse({"rows": rows, "backend": self.classifier.backend})
+
+    @api.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok", "run": str(self.classifier.run_path),
+                "adapter": self.classifier.details["adapter"],
+                "backend": self.classifier.backend,
+                "classes": len(self.classifier.class_names),
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "served": self.classifier.counters.snapshot()}
+
+    @api.get("/info")
+    def info(self) -> dict:
+        return {**self.classifier.details, "backend": self.classifier.backend,
+                "serving": self.serving}
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, ...]]:
+        """(probs, labels) for each request's pixels, from one model call over all of them
+        (in chunks the export's batch range allows), in a thread: the replica keeps taking
+        requests meanwhile."""
+        probs, labels = await asyncio.to_thread(self._predict, np.concatenate(requests))
+        bounds = np.cumsum([len(pixels) for pixels in requests])[:-1]
+        return list(zip(np.split(probs, bounds), np.split(labels, bounds), strict=True))
+
+    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        predictor = self.classifier.predictor
+        chunk = predictor.batch_range[1] or len(pixels)
+        parts = [predictor.predict_pixels(pixels[start:start + chunk])
+                 for start in range(0, len(pixels), chunk)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+    async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
+        """The request's `files` parts as (display name, bytes), within the limits."""
+        async with request.form() as form:
+            files = [part for part in form.getlist("files") if not isinstance(part, str)]
+            if not files:
+                raise InputError("no image uploaded: send each image as a multipart/form-data "
+                                 "part named `files`")
+            if len(files) > self.limits.max_images:
+                raise InputError(f"{len(files)} images uploaded; the limit is "
+                                 f"{self.limits.max_images} a request")
+            uploads = []
+            for number, part in enumerate(files, start=1):
+                name = display_name(part.filename or f"upload-{number}")
+                data = await part.read()
+                if len(data) > self.limits.max_file_bytes:
+                    raise _TooLarge(f"{name}: {len(data):,} bytes; the limit is "
+                                    f"{self.limits.max_file_bytes // 2**20} MiB a file")
+                uploads.append((name, data))
+        return uploads
+
+    def _decode(self, uploads: list[tuple[str, bytes]]) -> tuple[list[dict | None], np.ndarray]:
+        """An error row for each upload that does not decode (None for the others) and the
+        pixels of those that do."""
+        rows, decoded = self.classifier.decode(uploads)
+        return rows, self.classifier.predictor.preprocessor([image for _, _, image in decoded])
+
+
+def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RayServeConfig,
+                 on_ready: Callable[[str], None], log: Callable[[str], None]) -> None:
+    """Serve the run until SIGINT or SIGTERM, then delete the app and return (a local Ray,
+    Serve's controller and proxies included, stops with it; on a joined cluster only our
+    app goes, other apps and Serve itself stay). The backend
+    is chosen here as for `infer` (`backend` None: the fastest present) and loaded once here
+    to check it before any replica starts."""
+    chosen, skipped = pick_backend(run_path, backend, config.precision)
+    for reason in skipped:
+        log(f"not using {reason}")
+    spec = PredictorSpec.load(run_path, chosen, config.precision)
+    log(f"backend: {spec.description}")
+    port = _check_port(config.host, config.port)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # we print the URL ourselves
+    with ray_session(RayOptions(address=config.address)) as session:
+        log(session.describe())
+        gpus = gpus_per_worker(spec, session, config.replicas, "replica")
+        deployment = ClassifierDeployment.options(
+            num_replicas=config.replicas, max_ongoing_requests=config.concurrency,
+            max_queued_requests=config.max_queue,
+            ray_actor_options={"num_cpus": min(1.0, session.cpus / config.replicas),
+                               "num_gpus": gpus})
+        serve.start(http_options={"host": config.host, "port": port}, logging_config=QUIET)
+        try:
+            serve.run(deployment.bind(spec.run_path, spec.backend, config), name=APP_NAME,
+                      route_prefix="/", logging_config=QUIET)
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            on_ready(f"http://{host}:{port}/")
+            _wait_for_stop()
+        finally:
+            serve.delete(APP_NAME)  # replicas finish their requests; Serve itself stays up
+
+
+def _check_port(host: str, port: int) -> int:
+    """The port Serve will listen on, checked free first so that a busy port or a bad host
+    is one clear error before Ray starts; 0 picks a free one. (Serve binds it a moment
+    later: another program could take it in between.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family) as probe:
+            return probe.getsockname()[1]
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason})") from None
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGINT or SIGTERM (the handlers only set an event: the shutdown runs
+    here, in the main thread, not inside a signal handler)."""
+    stop = threading.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
