@@ -18,10 +18,10 @@ from PIL import Image
 
 from ..data import display_name
 from ..errors import InputError, MmdeployError
-from ..images import MAX_IMAGE_PIXELS, load_image
+from ..images import MAX_IMAGE_PIXELS, ImageSource, load_image
 from ..info import describe_run
 from ..rows import error_row, prediction_row
-from ..runtime import load_predictor, pick_backend
+from ..runtime import default_precision, load_predictor, pick_backend
 
 THUMBNAIL_SIZE = 256
 
@@ -85,13 +85,17 @@ class Classifier:
     Runtime sessions and torch inference may be called from several threads)."""
 
     def __init__(self, run_path: str | os.PathLike, backend: str | None = None,
-                 limits: ServeLimits | None = None):
+                 limits: ServeLimits | None = None, precision: str | None = None):
         self.run_path = Path(run_path)
         self.limits = limits or ServeLimits()
         self.details = describe_run(self.run_path)
-        chosen, self.skipped = pick_backend(self.run_path, backend)
-        self.predictor = load_predictor(self.run_path, chosen)
-        self.backend = self.predictor.describe()
+        # INT8 only when asked for, or when the export said so (`export --serve-int8`).
+        self.precision = precision or default_precision(self.run_path)
+        chosen, self.skipped = pick_backend(self.run_path, backend, self.precision)
+        self.predictor = load_predictor(self.run_path, chosen, self.precision)
+        described = self.predictor.describe()
+        # Said wherever the backend is shown (page, results, /health) when it is not FP32.
+        self.backend = described if self.precision == "fp32" else f"{described}, {self.precision}"
         self.counters = Counters()
 
     @property
@@ -109,19 +113,16 @@ class Classifier:
         self.counters.add(len(uploads), failed=False)
         return prediction
 
-    def _classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
-        if not uploads:
-            raise InputError("no image uploaded: choose one or more image files")
-        if len(uploads) > self.limits.max_images:
-            raise InputError(f"{len(uploads)} images uploaded; the limit is "
-                             f"{self.limits.max_images} a request")
-        started = time.perf_counter()
+    def decode(self, uploads: list[tuple[str, ImageSource]],
+               ) -> tuple[list[dict | None], list[tuple[int, str, Image.Image]]]:
+        """Decode `(name, file or bytes)` uploads as `infer` decodes a file: an error row for
+        each that fails (None for the others) and `(position, name, image)` for each that
+        decodes. If none decodes, an `InputError` naming every reason."""
         rows: list[dict | None] = [None] * len(uploads)
         decoded: list[tuple[int, str, Image.Image]] = []
-        for position, (name, path) in enumerate(uploads):
-            name = display_name(name)
+        for position, (name, source) in enumerate(uploads):
             try:
-                image = load_image(path, name=name)
+                image = load_image(source, name=name)
                 self.predictor.preprocessor.check(image, name)
             except InputError as exc:
                 rows[position] = error_row(name, str(exc))
@@ -129,6 +130,16 @@ class Classifier:
             decoded.append((position, name, image))
         if not decoded:
             raise InputError("; ".join(row["error"] for row in rows))
+        return rows, decoded
+
+    def _classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
+        if not uploads:
+            raise InputError("no image uploaded: choose one or more image files")
+        if len(uploads) > self.limits.max_images:
+            raise InputError(f"{len(uploads)} images uploaded; the limit is "
+                             f"{self.limits.max_images} a request")
+        started = time.perf_counter()
+        rows, decoded = self.decode([(display_name(name), path) for name, path in uploads])
         decode_done = time.perf_counter()
         batch = self.predictor.batch_range[1] or len(decoded)
         for start in range(0, len(decoded), batch):

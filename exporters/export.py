@@ -5,12 +5,17 @@ Files are written to `export/.staging/` first. Only an export that passes the op
 parity moves into `export/` and into `manifest.json`; one that fails is kept aside as
 `export/<file>.failed` with its report beside it, and never served. An earlier good export
 stays untouched either way.
+
+With `config.int8`, the published FP32 graph is then quantized to `model.int8.onnx`
+(`int8.py`) and held to the accuracy gate (`gate.py`) instead of parity; it is published or
+kept aside the same way, and recorded in `manifest.extra["int8"]` (never in `parity`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,12 +27,15 @@ from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_ve
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import ExportConfig
 from mmdeploy.data import load_labeled, make_splits, read_image
-from mmdeploy.errors import ArtifactError, MmdeployError
+from mmdeploy.errors import ArtifactError, ConfigError, MmdeployError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig, load_model, load_run_config
-from mmdeploy.runtime.onnxruntime import ONNX_FILE
+from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
+from .calibration import PixelReader, calibration_reader
 from .formats import FORMATS, ExportJob, plan_formats
+from .gate import GateBounds, GateReport, candidate_logits, gate_check, gate_data, measure
+from .int8 import Quantizer, quantize_gated
 from .parity import ParityReport, evaluate
 
 _VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
@@ -46,7 +54,7 @@ def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int]
     generator = torch.Generator().manual_seed(seed)
     height, width = preprocessor.image_size
     largest = max(batches)
-    real = preprocessor([read_image(s) for s in _real_samples(run, largest)])
+    real = preprocessor([read_image(s) for s in real_samples(run, largest)])
     cases = []
     for batch in batches:
         cases.append(("random", torch.randn(batch, 3, height, width, generator=generator)))
@@ -54,7 +62,7 @@ def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int]
     return cases
 
 
-def _real_samples(run: RunConfig, count: int):
+def real_samples(run: RunConfig, count: int):
     """Held-out images of the run's data, spread over its classes (splits are class-major);
     the bundled set, real images too, when the training data is no longer there."""
     d = run.data
@@ -85,17 +93,57 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
     run = load_run_config(run_dir)
     manifest = _existing_manifest(run_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_formats(formats, config.fp16, device, has_onnx=ONNX_FILE in manifest.files)
+    formats, quantize_onnx = _int8_targets(formats, config, manifest)
+    plan = plan_formats(formats, config.fp16, device, has_onnx=ONNX_FILE in manifest.files,
+                        int8=config.int8 is not None)
     for fmt, precision in plan:
         log(f"will export {fmt} ({precision})")
+    if quantize_onnx:
+        log(f"will quantize {ONNX_FILE} to INT8 ({config.int8})")
     log(f"loading {run.adapter} run {run_dir.root}")
     reference, _ = load_model(run_dir.root)
+    preprocessor = reference.backbone.preprocessor
+    calibration = None
+    if quantize_onnx and config.int8 == "static":  # a calibration that cannot work fails first
+        calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
+    if plan:
+        _export_formats(plan, run_dir, run, config, reference, manifest, device, log)
+    if quantize_onnx:
+        _export_int8(run_dir, run, reference, config, manifest, calibration, log)
+        manifest.versions = installed_versions(_VERSIONED)
+        manifest.save(run_dir.manifest_path)
+    return manifest
+
+
+def _int8_targets(formats: tuple[str, ...], config: ExportConfig,
+                  manifest: Manifest) -> tuple[tuple[str, ...], bool]:
+    """The formats to export, and whether to quantize the ONNX graph for ONNX Runtime.
+
+    `--int8` with onnx (or with no format: the run's verified model.onnx, exported first if
+    it has none) makes model.int8.onnx; with tensorrt it builds a TensorRT INT8 engine.
+    """
+    if not config.int8:
+        return formats, False
+    if "onnx" in formats:
+        return formats, True
+    if "tensorrt" in formats:
+        return formats, False
+    if formats:
+        raise ConfigError("--int8 quantizes the ONNX graph (onnx) or builds a TensorRT INT8 "
+                          "engine (tensorrt): add one to --format, or leave --format out to "
+                          "quantize the run's verified model.onnx")
+    verified = "onnxruntime" in manifest.parity and ONNX_FILE in manifest.files
+    return (() if verified else ("onnx",)), True
+
+
+def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig,
+                    config: ExportConfig, reference, manifest: Manifest, device: str,
+                    log: Callable[[str], None]) -> None:
     # A second copy on its own backbone: merging and freezing must not touch the reference.
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     deploy = load_model(run_dir.root, backbone=backbone)[0].to_deploy()
-    preprocessor = reference.backbone.preprocessor
     seed = int.from_bytes(os.urandom(4), "little")
-    cases = parity_inputs(run, preprocessor, parity_batches(config), seed)
+    cases = parity_inputs(run, reference.backbone.preprocessor, parity_batches(config), seed)
     form_gap = _form_gap(reference, deploy, cases)
     log(f"deploy form vs training form: max abs {form_gap:.2e}")
 
@@ -107,7 +155,52 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
         manifest.extra.update({"deploy_form_max_abs": form_gap, "parity_seed": seed})
         manifest.versions = installed_versions(_VERSIONED)
         manifest.save(run_dir.manifest_path)
-    return manifest
+
+
+def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfig,
+                 manifest: Manifest, calibration: PixelReader | None,
+                 log: Callable[[str], None]) -> None:
+    """Quantize the published FP32 graph, gate it, then publish or keep it aside."""
+    export_dir = run_dir.export_dir
+    manifest.verify_files(export_dir, [n for n in manifest.files if n.startswith(ONNX_FILE)])
+    preprocessor = reference.backbone.preprocessor
+    data = gate_data(run, reference, preprocessor)
+    bounds = GateBounds(config.gate_agreement, config.gate_drop)
+    log(f"INT8 gate: top-1 agreement >= {bounds.min_agreement:.2%} and accuracy drop <= "
+        f"{bounds.max_drop_points:g} points vs the FP32 model, on {len(data)} real images")
+
+    def gate(path: Path):
+        return measure(data, candidate_logits(OnnxSession(path), data.pixels), bounds)
+
+    def probe():  # training images; the gate's own when the training data is gone
+        if calibration is not None:
+            return calibration.pixels
+        try:
+            return calibration_reader(run, preprocessor, config.calib or 64,
+                                      config.calib_seed).pixels
+        except ArtifactError as exc:
+            log(f"int8: ranking on the gate's images instead ({exc})")
+            return data.pixels
+
+    staging = export_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
+            quantizer = Quantizer(export_dir / ONNX_FILE, config.int8, Path(work), calibration,
+                                  config.calib_method)
+            result = quantize_gated(quantizer, gate, probe, log)
+            os.replace(result.path, staging / INT8_FILE)
+        if not result.report.passed:
+            _keep_aside(staging, export_dir, result.to_dict(INT8_FILE), INT8_FILE)
+            result.raise_if_failed(f"{INT8_FILE}.failed")
+        _publish(staging, export_dir, manifest, [INT8_FILE])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest.extra["int8"] = {**result.to_dict(INT8_FILE), "serve_default": config.serve_int8}
+    log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
+        f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
+        f"{result.quantize_seconds:.1f} s")
 
 
 def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifest) -> None:
@@ -118,23 +211,33 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     staging.mkdir(parents=True)
     try:
         built = FORMATS[fmt].build(job, staging)
-        batches = ", ".join(map(str, parity_batches(job.config)))
-        job.log(f"checking {built.backend} parity at batch {batches} (random and real images)")
-        report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
+        if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
+            job.log(f"checking {built.backend} int8 against the accuracy gate")
+            report = gate_check(load_run_config(job.run_dir), reference, built.candidate,
+                                GateBounds(job.config.gate_agreement, job.config.gate_drop),
+                                f"{built.backend} int8", batch=job.config.batch_max)
+        else:
+            batches = ", ".join(map(str, parity_batches(job.config)))
+            job.log(f"checking {built.backend} parity at batch {batches} (random and real "
+                    "images)")
+            report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
         if not report.passed:
-            _keep_aside(staging, export_dir, report, built.files[0])
+            _keep_aside(staging, export_dir, report.to_dict(), built.files[0])
             report.raise_if_failed()
         _publish(staging, export_dir, manifest, built.files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest.parity[built.backend] = report.to_dict()
+    manifest.parity[built.backend] = {**report.to_dict(), "precision": job.precision}
     manifest.extra[fmt] = built.details
     manifest.extra["batch_range"] = {"min": job.config.batch_min, "opt": job.config.batch_opt,
                                      "max": job.config.batch_max}
     if built.interface:
         manifest.inputs, manifest.outputs = built.interface["inputs"], built.interface["outputs"]
         manifest.opset = built.interface["opset"]
-    job.log(f"{built.backend} parity passed ({job.precision}): {_summary(report)}")
+    if isinstance(report, GateReport):
+        job.log(f"{built.backend} int8 passed the accuracy gate: {report.summary()}")
+    else:
+        job.log(f"{built.backend} parity passed ({job.precision}): {_summary(report)}")
 
 
 def _form_gap(reference, deploy, cases) -> float:
@@ -157,10 +260,10 @@ def _publish(staging: Path, export_dir: Path, manifest: Manifest, files: list[st
         manifest.add_file(export_dir, name)
 
 
-def _keep_aside(staging: Path, export_dir: Path, report: ParityReport, primary: str) -> None:
+def _keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:
     for path in sorted(staging.iterdir()):
         os.replace(path, export_dir / f"{path.name}.failed")
-    atomic_write_json(export_dir / f"{primary}.failed.json", report.to_dict())
+    atomic_write_json(export_dir / f"{primary}.failed.json", report)
 
 
 def _summary(report: ParityReport) -> str:

@@ -19,14 +19,16 @@ from torch import nn
 from mmdeploy.artifacts import RunDir
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, BackendUnavailableError, ConfigError
+from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.aoti import PACKAGE_FILE, AotiPackage
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
 from mmdeploy.runtime.tensorrt import Profile, load_engine, unavailable_reason
 
 from .aoti import compile_aoti, fp16_problem
+from .calibration import calibration_reader
 from .lint import check_for_target, lint_onnx
 from .onnx import export_onnx
-from .tensorrt import build_engine
+from .tensorrt import build_engine, build_int8_engine
 
 Outputs = dict[str, np.ndarray]
 
@@ -100,9 +102,18 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
     config = job.config
     profile = Profile.for_batches(config.batch_min, config.batch_opt, config.batch_max,
                                   job.image_size)
-    engine, sidecar, details = build_engine(onnx_path, staging, profile, job.precision, job.log)
+    extra_files = []
+    if job.precision == "int8":  # explicit quantization: a symmetric QDQ graph, calibrated
+        reader = calibration_reader(load_run_config(job.run_dir), job.deploy.backbone.preprocessor,
+                                    config.calib, config.calib_seed)
+        engine, sidecar, details = build_int8_engine(onnx_path, staging, profile, reader, job.log)
+        extra_files = details["qdq"]["files"]  # the graph the engine was built from
+    else:
+        engine, sidecar, details = build_engine(onnx_path, staging, profile, job.precision,
+                                                job.log)
     details.update({"engine": engine, "sidecar": sidecar, "profile": profile.to_dict()})
-    return Built("tensorrt", [engine, sidecar], load_engine(staging, engine, sidecar), details)
+    return Built("tensorrt", [engine, sidecar, *extra_files],
+                 load_engine(staging, engine, sidecar), details)
 
 
 FORMATS: dict[str, Format] = {
@@ -114,13 +125,15 @@ FORMATS: dict[str, Format] = {
 
 
 def plan_formats(formats: tuple[str, ...], fp16: bool, device: str,
-                 has_onnx: bool) -> list[tuple[str, str]]:
+                 has_onnx: bool, int8: bool = False) -> list[tuple[str, str]]:
     """(format, precision) in build order, checked before anything is loaded or built.
 
     Formats that build from the ONNX graph come after it, and bring it in when the run has
     none yet. With `fp16`, every format with an FP16 path on `device` builds FP16; the ONNX
     graph stays FP32 (it is what TensorRT reads); any other format without one is refused,
-    as is an `fp16` request that nothing would honour.
+    as is an `fp16` request that nothing would honour. With `int8`, TensorRT builds an INT8
+    engine (with FP16 fallback) from a QDQ graph; ONNX Runtime's INT8 graph is quantized
+    after the formats, by `export.py`.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -136,6 +149,9 @@ def plan_formats(formats: tuple[str, ...], fp16: bool, device: str,
         problem = FORMATS[fmt].fp16_problem(device) if fp16 else None
         if problem and fmt != "onnx":
             raise ConfigError(f"--fp16: {fmt} has no FP16 export here: {problem}")
+        if int8 and fmt == "tensorrt":
+            plan.append((fmt, "int8"))
+            continue
         plan.append((fmt, "fp16" if fp16 and not problem else "fp32"))
     if fp16 and all(precision == "fp32" for _, precision in plan):
         raise ConfigError("--fp16: none of the requested formats has an FP16 export (FP16 is "

@@ -7,8 +7,16 @@ plan (`precision.py`) pins normalisation, softmax, routers and kNN masks to FP32
 TensorRT version, so a rebuild is fast. The engine is written with its sidecar
 (`mmdeploy.runtime.tensorrt.EngineSidecar`).
 
-TensorRT 11 removed weakly typed builds (the FP16 flag and layer precisions); its FP32
-builds work as here, and FP16 is refused on it with the reason.
+INT8 is TensorRT's explicit quantization: `build_int8_engine` writes the symmetric QDQ graph
+(`qdq.py`), refuses it unless it is one TensorRT accepts, and builds it with INT8 and FP16
+enabled: the quantized matmuls and convolutions run in INT8, everything else falls back to
+FP16, and the same layers as in the FP16 plan are pinned to FP32. The sidecar's
+`onnx_sha256` is then the QDQ graph's. An INT8 engine's parity is measured with the accuracy
+gate (top-1 agreement and cosine against FP32), not max-abs: INT8 rounding moves every
+logit, and what matters is whether the answers change.
+
+TensorRT 11 removed weakly typed builds (the FP16/INT8 flags and layer precisions); its FP32
+builds work as here, and FP16 and INT8 are refused on it with the reason.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from mmdeploy.runtime.tensorrt import (
 )
 
 from .precision import fp32_nodes, layers_to_pin
+from .qdq import QDQ_FILE, refuse_unless_symmetric, write_tensorrt_qdq
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -48,16 +57,12 @@ def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: st
 
     Returns (engine file name, sidecar file name, build facts for the manifest).
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if reason := unavailable_reason():
-        raise BackendUnavailableError("tensorrt", reason)
+    if precision == "int8":
+        refuse_unless_symmetric(onnx_path)  # one clear line, not the parser's assertion
+    _check_can_build(precision)
     import tensorrt as trt
 
     here = runtime_info()
-    if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 11:
-        raise ConfigError(f"TensorRT {trt.__version__} has no weakly typed FP16 builds; "
-                          "install tensorrt 10 for --fp16 (pip install 'mm-peft-deploy[trt]')")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -70,7 +75,9 @@ def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: st
     optimization = builder.create_optimization_profile()
     optimization.set_shape(profile.input, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(optimization)
-    pinned = _apply_precision(trt, network, config, onnx_path) if precision == "fp16" else set()
+    pinned = set()
+    if precision != "fp32":
+        pinned = _apply_precision(trt, network, config, onnx_path, precision)
 
     cache_file = timing_cache_path(here.gpu_name, trt.__version__)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
@@ -93,8 +100,47 @@ def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: st
                                   "timing_cache": str(cache_file)}
 
 
-def _apply_precision(trt, network, config, onnx_path: Path) -> set[str]:
-    """Enable FP16 and pin the plan's layers (precision and output types) to FP32."""
+def _check_can_build(precision: str) -> None:
+    """Refuse an unknown precision, a machine without TensorRT or a GPU, and FP16/INT8 on
+    TensorRT 11 (which has no weakly typed builds)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if reason := unavailable_reason():
+        raise BackendUnavailableError("tensorrt", reason)
+    import tensorrt as trt
+
+    if precision != "fp32" and int(trt.__version__.split(".")[0]) >= 11:
+        raise ConfigError(f"TensorRT {trt.__version__} has no weakly typed {precision.upper()} "
+                          f"builds; install tensorrt 10 for --{precision} "
+                          "(pip install 'mm-peft-deploy[trt]')")
+
+
+def build_int8_engine(fp32_onnx: Path, out_dir: Path, profile: Profile, reader,
+                      log: Callable[[str], None] = print) -> tuple[str, str, dict]:
+    """Build `out_dir/model.<gpu>.int8.engine` from the verified FP32 graph `fp32_onnx`.
+
+    Writes the symmetric QDQ graph `out_dir/model.qdq.onnx`, calibrated on `reader` (an
+    `onnxruntime.quantization.CalibrationDataReader` feeding `pixel_values`), then builds it
+    with `build_engine`. Returns (engine file, sidecar file, build facts) like `build_engine`,
+    with `details["qdq"]` describing the QDQ graph: publish `details["qdq"]["file"]` beside
+    the engine (the sidecar's onnx_sha256 is its hash). Check its parity with the accuracy
+    gate (top-1 agreement, cosine), not max-abs.
+    """
+    _check_can_build("int8")  # before calibrating, which takes a while
+    qdq = write_tensorrt_qdq(fp32_onnx, out_dir / QDQ_FILE, reader)
+    log(f"wrote {QDQ_FILE} in {qdq['quantize_seconds']:.1f} s: "
+        f"{len(qdq['quantized_nodes'])} matmuls/convolutions INT8, "
+        f"{len(qdq['not_quantized'])} left in float")
+    engine, sidecar, details = build_engine(out_dir / QDQ_FILE, out_dir, profile, "int8", log)
+    details["qdq"] = qdq
+    return engine, sidecar, details
+
+
+def _apply_precision(trt, network, config, onnx_path: Path, precision: str) -> set[str]:
+    """Enable FP16 (and INT8 for Q/DQ graphs) and pin the plan's layers (precision and
+    output types) to FP32."""
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
     config.set_flag(trt.BuilderFlag.FP16)
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     graph = onnx.load(str(onnx_path), load_external_data=False)

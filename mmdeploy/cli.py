@@ -16,6 +16,10 @@ from .errors import ConfigError, MmdeployError
 from .registry import ADAPTERS
 from .runtime import BACKENDS
 
+_PRECISION_HELP = ("`int8`: the run's model.int8.onnx on onnxruntime (made by `export --int8`, "
+                   "served only if it passed its accuracy gate). Default: int8 if the export "
+                   "said --serve-int8, else fp32.")
+
 
 def _batch_range(text: str) -> tuple[int, int, int]:
     try:
@@ -159,7 +163,23 @@ def options(adapter) -> None:
                    "the ONNX graph stays FP32. Parity: cosine >= 0.999, top-1 >= 99.5%.")
 @click.option("--out", "triton_out", type=click.Path(path_type=Path), default=None,
               help="With --format triton: the model repository's folder (default RUN/triton).")
-def export(run_path, adapter, formats, batch_range, target, fp16, triton_out) -> None:
+@click.option("--int8", type=click.Choice(["dynamic", "static"]), default=None, is_flag=False,
+              flag_value="dynamic",
+              help="Also quantize model.onnx to model.int8.onnx (ONNX Runtime), published only "
+                   "if it passes the accuracy gate; `--int8` alone is dynamic. Without "
+                   "--format, the run's verified model.onnx is quantized (exported if missing).")
+@click.option("--calib", type=click.IntRange(min=0), default=64, show_default=True,
+              help="--int8 static: training images to calibrate on (all if the split has fewer).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              default="minmax", show_default=True, help="--int8 static: how ranges are set.")
+@click.option("--gate-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="INT8 gate: least top-1 agreement with the FP32 model.")
+@click.option("--gate-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="INT8 gate: most validation accuracy lost, in points.")
+@click.option("--serve-int8", is_flag=True,
+              help="With --int8: infer and serve use the INT8 graph unless --precision fp32.")
+def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, int8, calib,
+           calib_method, gate_agreement, gate_drop, serve_int8) -> None:
     """Merge, freeze and compile a run; publish only what passes parity.
 
     \b
@@ -168,6 +188,7 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out) ->
       mmdeploy export --run runs/hmmoe-demo --format onnx,aoti
       mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
       mmdeploy export --run runs/hmmoe-demo --format triton --out model_repository
+      mmdeploy export --run runs/hmmoe-demo --int8 static --calib 64   # INT8, gated
     """
     from .artifacts import RunDir
     from .config import ExportConfig
@@ -182,9 +203,14 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out) ->
     wanted, triton = split_formats(tuple(f.strip() for f in formats.split(",")), run_path)
     if triton:
         model_config_pb2()  # say which extra is missing before exporting anything
-    if wanted:
+    if int8 and click.get_current_context().get_parameter_source(
+            "formats") is click.core.ParameterSource.DEFAULT:
+        wanted = ()  # quantize the run's verified model.onnx
+    if wanted or int8:
         config = ExportConfig(formats=wanted, batch_min=low, batch_opt=opt, batch_max=high,
-                              target=target, fp16=fp16)
+                              target=target, fp16=fp16, int8=int8, calib=calib,
+                              calib_method=calib_method, gate_agreement=gate_agreement,
+                              gate_drop=gate_drop, serve_int8=serve_int8)
         manifest = export_run(run_path, config.formats, config, log=click.echo)
         click.echo(f"exported {', '.join(sorted(manifest.files))} -> "
                    f"{RunDir(run_path).export_dir}")
@@ -217,7 +243,7 @@ def verify(run_path) -> None:
 @click.argument("run_path", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Rows out: .jsonl or .csv.")
+              help="Rows out: .jsonl or .csv (or .parquet with --engine ray).")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: the fastest one present, and it says why.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -230,38 +256,72 @@ def verify(run_path) -> None:
 @click.option("--fail-fast", is_flag=True,
               help="Stop at the first bad input with an error (exit 1) instead of writing an "
                    "error row; the rows before it are kept.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="`ray`: a Ray Data pipeline (decode tasks, a pool of predictor actors), rows "
+                   "in the order they finish; needs the [ray] extra.")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: join this Ray cluster. Default: $RAY_ADDRESS, else a "
+                   "local Ray started for the run and stopped after it.")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="With --engine ray: predictor actors. Default: one per GPU on a GPU "
+                   "backend, else one per node.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+              help=_PRECISION_HELP)
 def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume, overwrite,
-          fail_fast) -> None:
-    """Batch inference over folders, globs or manifests; one row per file, written in input
-    order as it goes, with a progress bar and a summary at the end.
+          fail_fast, engine, ray_address, actors, precision) -> None:
+    """Batch inference over folders, globs or manifests; one row per file, written as it
+    goes (in input order; with --engine ray in the order batches finish, keyed by path),
+    with a progress bar and a summary at the end.
 
     \b
     Example:
       mmdeploy infer runs/hmmoe-demo photos/ 'more/*.jpg' list.csv -o preds.jsonl
       mmdeploy infer runs/hmmoe-demo photos/ -o preds.jsonl --resume   # after a kill
+      mmdeploy infer runs/hmmoe-demo photos/ -o preds.parquet --engine ray --actors 2
     """
     import itertools
 
     from .data import list_inputs
     from .inference import DEFAULT_WORKERS, InferenceOptions, run_inference
-    from .runtime import load_predictor, pick_backend
+    from .runtime import default_precision, load_predictor, pick_backend
 
-    if output.suffix.lower() not in (".jsonl", ".csv"):
+    precision = precision or default_precision(run_path)
+    if engine == "ray":
+        from .ray_cluster import require_ray
+
+        require_ray("infer --engine ray", "ray.data")
+        if workers is not None:
+            raise ConfigError("--workers is for --engine local; with --engine ray, Ray tasks "
+                              "decode and --actors sizes the predictor pool")
+    elif actors is not None or ray_address is not None:
+        raise ConfigError("--actors and --ray-address need --engine ray")
+    elif output.suffix.lower() not in (".jsonl", ".csv"):
         raise ConfigError(f"{output}: output must end in .jsonl or .csv")
     if not output.parent.is_dir():
         raise ConfigError(f"{output}: folder {output.parent} does not exist")
     if output.exists() and not (resume or overwrite):
         raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
     listed = itertools.chain.from_iterable([list_inputs(spec) for spec in inputs])
-    chosen, skipped = pick_backend(run_path, backend)
+    chosen, skipped = pick_backend(run_path, backend, precision)
     for reason in skipped:
         click.echo(f"not using {reason}", err=True)
-    predictor = load_predictor(run_path, chosen)
-    click.echo(f"backend: {predictor.describe()}", err=True)
-    options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
-                               fail_fast=fail_fast,
-                               workers=DEFAULT_WORKERS if workers is None else workers)
-    summary = run_inference(predictor, listed, output, options)
+    if engine == "ray":
+        from .ray_infer import RayInferenceOptions, infer_on_ray
+
+        ray_options = RayInferenceOptions(batch_size=batch_size, top_k=top_k, actors=actors,
+                                          resume=resume, fail_fast=fail_fast)
+        summary = infer_on_ray(run_path, chosen, listed, output, ray_options, ray_address,
+                               log=lambda line: click.echo(line, err=True),
+                               precision=precision)
+    else:
+        predictor = load_predictor(run_path, chosen, precision)
+        click.echo(f"backend: {predictor.describe()}, precision {predictor.precision}",
+                   err=True)
+        options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
+                                   fail_fast=fail_fast,
+                                   workers=DEFAULT_WORKERS if workers is None else workers)
+        summary = run_inference(predictor, listed, output, options)
     count = summary.duplicates
     duplicates = f", {count} duplicate{'s' * (count != 1)} skipped" if count else ""
     click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.resumed} "
@@ -284,22 +344,29 @@ def _batches(text: str) -> list[int]:
 @click.option("--batch", "batches", default="1,8,32", show_default=True,
               help="Comma-separated batch sizes.")
 @click.option("--backends", default=None,
-              help="Comma-separated subset of eager, compile, eager-fp16, onnxruntime, aoti, "
-                   "tensorrt (default: every one available; eager always runs).")
+              help="Comma-separated subset of eager, compile, eager-fp16, onnxruntime, "
+                   "onnxruntime-int8, aoti, tensorrt (default: every one available; eager "
+                   "always runs; onnxruntime-int8 runs the run's gated model.int8.onnx).")
 @click.option("--backbone", type=click.Choice(["run", "vit-b16"]), default="run",
               show_default=True,
               help="`vit-b16`: build (or reuse) RUN as a one-step run on a random ViT-B/16-sized "
-                   "CLIP, exported to ONNX and AOTInductor, and bench that.")
+                   "CLIP, exported to ONNX, AOTInductor and dynamic INT8, and bench that.")
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default="hmmoe",
               show_default=True, help="Adapter of the --backbone vit-b16 run.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--peak-size", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="Square matmul on which this machine's ONNX Runtime FP32/INT8 peak is "
+                   "measured (0 skips it).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Results file (default: benchmarks/results/<date>-<host>-<backbone>.json).")
-def bench(run_path, batches, backends, backbone, adapter, warmup, iters, out) -> None:
+def bench(run_path, batches, backends, backbone, adapter, warmup, iters, peak_size,
+          out) -> None:
     """Time every available backend against PyTorch eager in one process: median and p90
     latency, images/s, peak memory, ratio to eager, and the frozen backbone alone beside
-    the adapted model.
+    the adapted model; each backend's achieved GFLOP/s as a share of this machine's ONNX
+    Runtime FP32/INT8 matmul peak, measured in the same run; and for the INT8 row, the
+    accuracy gate's figures.
 
     \b
     Examples:
@@ -318,7 +385,8 @@ def bench(run_path, batches, backends, backbone, adapter, warmup, iters, out) ->
         prepare_run(run_path, adapter, sizes, log=click.echo)
         label = LABEL
     wanted = [b.strip() for b in backends.split(",")] if backends else None
-    result = bench_run(run_path, sizes, wanted, warmup, iters, label, log=click.echo)
+    result = bench_run(run_path, sizes, wanted, warmup, iters, label, log=click.echo,
+                       peak_size=peak_size)
     for backend, reason in result.skipped.items():
         click.echo(f"not benched: {backend}: {reason}", err=True)
     # A pipe or a log has no width of its own: wide enough that rows stay on one line.
@@ -353,27 +421,69 @@ def info(run_path, as_json) -> None:
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: the fastest one present, and it says why.")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 exposes the app to the network.")
+              help="Address to listen on; 0.0.0.0 exposes the app to the network. With "
+                   "--engine ray only Serve's HTTP port follows it: Ray's own ports listen on "
+                   "every interface.")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True,
               help="0 = any free port (the URL printed says which).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Requests predicted at once; others wait in the queue.")
+              help="Requests predicted at once (--engine ray: per replica, batched together); "
+                   "others wait in the queue.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests that may wait; more are refused.")
+              help="Requests that may wait; more are refused (--engine ray: per proxy, 503).")
 @click.option("--max-images", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per request.")
 @click.option("--max-file-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Size of one uploaded file, in MiB.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+              help=_PRECISION_HELP)
+@click.option("--engine", type=click.Choice(["gradio", "ray"]), default="gradio",
+              show_default=True,
+              help="`ray`: Ray Serve replicas behind an HTTP API (POST /predict, GET /health, "
+                   "GET /info) with request batching; needs the [ray] extra.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --engine ray: replicas, each with its own predictor (default 1).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=None,
+              help="With --engine ray: how long a replica waits for more requests to predict "
+                   "in one batch (default 10).")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: join this Ray cluster. Default: $RAY_ADDRESS, else a "
+                   "local Ray started for the app and stopped with it.")
 def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
-          max_file_mb) -> None:
+          max_file_mb, precision, engine, replicas, batch_wait_ms, ray_address) -> None:
     """Serve a run in a Gradio app (upload images, top-k classes, backend and latency) with
-    GET /health; stops cleanly on Ctrl+C or SIGTERM.
+    GET /health, or with --engine ray as an HTTP API on Ray Serve; stops cleanly on Ctrl+C
+    or SIGTERM.
 
     \b
-    Example:
+    Examples:
       mmdeploy serve runs/hmmoe-demo --port 7860
+      mmdeploy serve runs/hmmoe-demo --engine ray --replicas 2 --port 8000
+      curl -F files=@cat.jpg -F files=@dog.png http://127.0.0.1:8000/predict
     """
     import importlib.util
+
+    if engine == "ray":
+        from .ray_cluster import require_ray
+        from .runtime import default_precision
+
+        require_ray("serve --engine ray", "ray.serve", "python_multipart")
+        from .apps.ray_serve import RayServeConfig, serve_on_ray
+        from .apps.service import ServeLimits
+
+        config = RayServeConfig(
+            host=host, port=port, replicas=replicas or 1, concurrency=concurrency,
+            max_queue=max_queue, batch_wait_ms=10.0 if batch_wait_ms is None else batch_wait_ms,
+            limits=ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20),
+            precision=precision or default_precision(run_path), address=ray_address)
+        serve_on_ray(run_path, backend, config, log=lambda line: click.echo(line, err=True),
+                     on_ready=lambda url: click.echo(
+                         f"serving {run_path} ({config.replicas} Ray Serve replica"
+                         f"{'s' * (config.replicas != 1)}) at {url} (Ctrl+C to stop)"))
+        click.echo("stopped")
+        return
+    if replicas is not None or batch_wait_ms is not None or ray_address is not None:
+        raise ConfigError("--replicas, --batch-wait-ms and --ray-address need --engine ray")
 
     if importlib.util.find_spec("gradio") is None:  # the `ui` extra
         raise ConfigError("serve needs gradio: pip install 'mm-peft-deploy[ui]'")
@@ -382,14 +492,14 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
 
     listener = server.bind(host, port)  # a busy port fails before the model loads
     limits = ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20)
-    classifier = Classifier(run_path, backend, limits)
+    classifier = Classifier(run_path, backend, limits, precision)
     for reason in classifier.skipped:
         click.echo(f"not using {reason}", err=True)
     config = server.ServeConfig(host=host, port=port, concurrency=concurrency,
                                 max_queue=max_queue, limits=limits)
     server.serve(classifier, config, listener, on_ready=lambda url: click.echo(
-        f"serving {run_path} ({classifier.details['adapter']}, {classifier.backend}) at {url}"
-        " (Ctrl+C to stop)"))
+        f"serving {run_path} ({classifier.details['adapter']}, {classifier.backend}, precision "
+        f"{classifier.precision}) at {url} (Ctrl+C to stop)"))
     click.echo("stopped")
 
 

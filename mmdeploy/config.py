@@ -124,6 +124,29 @@ class ExportConfig(ConfigBase):
     opset: int = 18
     target: str = "onnxruntime"  # `tensorrt` makes the op lint an error instead of a warning
     fp16: bool = False  # formats with an FP16 path build FP16 (tensorrt; aoti on CUDA)
+    # INT8 (ONNX Runtime): also quantize model.onnx to model.int8.onnx, behind an accuracy gate.
+    int8: str | None = None  # None, "dynamic" or "static"
+    calib: int = 64  # training images to calibrate static ranges on (fewer if the split is)
+    calib_method: str = "minmax"  # minmax, entropy or percentile
+    calib_seed: int = 0
+    gate_agreement: float = 0.99  # least top-1 agreement with the FP32 model
+    gate_drop: float = 1.0  # most accuracy lost on the validation split, in points
+    serve_int8: bool = False  # infer and serve use the INT8 graph unless told --precision fp32
+
+    def __post_init__(self) -> None:
+        """Refuse INT8 settings that cannot work, before anything is loaded."""
+        if self.int8 not in (None, "dynamic", "static"):
+            raise ConfigError(f"--int8 {self.int8}: choose dynamic or static")
+        if self.int8 == "static" and self.calib < 1:
+            raise ConfigError(f"--calib {self.calib}: static INT8 calibrates on at least one "
+                              "training image (or use --int8 dynamic)")
+        if self.calib_method not in ("minmax", "entropy", "percentile"):
+            raise ConfigError(f"--calib-method {self.calib_method}: choose minmax, entropy or "
+                              "percentile")
+        if not 0 <= self.gate_agreement <= 1 or not self.gate_drop >= 0:
+            raise ConfigError("gate bounds: agreement must be within 0..1 and the drop >= 0")
+        if self.serve_int8 and self.int8 is None:
+            raise ConfigError("--serve-int8 needs --int8 (there is no INT8 graph to serve)")
 
 
 def parse_overrides(config_cls: type[T], pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:

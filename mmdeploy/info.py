@@ -27,4 +27,11 @@ def describe_run(run_path: str | Path) -> dict:
         details["parity"] = {backend: {"precision": r["precision"], "passed": r["passed"],
                                        **r.get("worst", {})}
                              for backend, r in manifest.parity.items()}
+        if int8 := manifest.extra.get("int8"):
+            gate = int8["gate"]
+            details["int8"] = {"file": int8["file"], "method": int8["method"],
+                               "passed": gate["passed"], "agreement": gate["agreement"],
+                               "accuracy_drop_points": gate["accuracy_drop_points"],
+                               "kept_fp32": len(int8["kept_fp32"]),
+                               "serve_default": int8.get("serve_default", False)}
     return details

@@ -4,6 +4,9 @@ DESIGN section 7's order, fastest first: TensorRT > ONNX Runtime on CUDA > AOTIn
 CUDA > ONNX Runtime on CPU > AOTInductor on CPU > PyTorch eager. A backend is passed over
 when the run has no verified export for it (said once per backend) or when this machine
 cannot run it on that device (said per device).
+
+Precision: FP32 by default; INT8 (`precision="int8"`) is the run's `model.int8.onnx`, which
+only ONNX Runtime serves, and only once it passed its accuracy gate.
 """
 
 from __future__ import annotations
@@ -100,12 +103,45 @@ def _reasons(backend: str, device: str | None, run_dir: RunDir) -> tuple[str | N
     return _device_reason(backend, device, run_dir, manifest), False
 
 
-def pick_backend(run_path: str | Path, requested: str | None = None) -> tuple[str, list[str]]:
+def default_precision(run_path: str | Path) -> str:
+    """"int8" when the run's INT8 export was made to be served by default
+    (`export --int8 ... --serve-int8`) and passed its gate, else "fp32"."""
+    from ..artifacts import RunDir
+    from .onnxruntime import int8_problem
+
+    manifest = _manifest(RunDir(Path(run_path)))
+    if manifest is None or int8_problem(manifest):
+        return "fp32"
+    return "int8" if manifest.extra["int8"].get("serve_default") else "fp32"
+
+
+def _pick_int8(run_dir: RunDir, requested: str | None) -> tuple[str, list[str]]:
+    from .onnxruntime import int8_problem
+
+    if requested not in (None, "onnxruntime"):
+        raise BackendUnavailableError(requested, "INT8 is served by onnxruntime only "
+                                      "(model.int8.onnx); leave --backend out")
+    reason = int8_problem(_manifest(run_dir))
+    if reason is None:
+        reason, _ = _reasons("onnxruntime", "cpu", run_dir)
+    if reason is not None:
+        raise BackendUnavailableError("onnxruntime", f"int8: {reason}")
+    skipped = [] if requested else ["other backends: INT8 is served by onnxruntime only"]
+    return "onnxruntime", skipped
+
+
+def pick_backend(run_path: str | Path, requested: str | None = None,
+                 precision: str = "fp32") -> tuple[str, list[str]]:
     """The backend to use and, for each faster one passed over, why (once per backend for a
-    missing export, once per device for what this machine lacks)."""
+    missing export, once per device for what this machine lacks). With `precision="int8"`
+    that is onnxruntime, or an error saying why it cannot serve the run's INT8 graph."""
     from ..artifacts import RunDir
 
     run_dir = RunDir(Path(run_path))
+    if precision == "int8":
+        return _pick_int8(run_dir, requested)
+    if precision != "fp32":
+        raise ConfigError(f"unknown precision {precision!r}; choose fp32 or int8")
     if requested is not None:
         candidates = [(b, d) for b, d in RANKING if b == requested] or [(requested, None)]
         reasons = []
@@ -126,7 +162,9 @@ def pick_backend(run_path: str | Path, requested: str | None = None) -> tuple[st
     raise AssertionError("torch is always available")
 
 
-def load_predictor(run_path: str | Path, backend: str) -> Predictor:
+def load_predictor(run_path: str | Path, backend: str, precision: str = "fp32") -> Predictor:
+    if precision != "fp32" and backend != "onnxruntime":
+        raise BackendUnavailableError(backend, f"{precision} is served by onnxruntime only")
     if backend == "tensorrt":
         from .tensorrt import TensorRTPredictor
 
@@ -134,7 +172,7 @@ def load_predictor(run_path: str | Path, backend: str) -> Predictor:
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimePredictor
 
-        return OnnxRuntimePredictor(run_path)
+        return OnnxRuntimePredictor(run_path, precision=precision)
     if backend == "aoti":
         from .aoti import AotiPredictor
 
@@ -146,4 +184,4 @@ def load_predictor(run_path: str | Path, backend: str) -> Predictor:
     raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "RANKING", "load_predictor", "pick_backend"]
+__all__ = ["BACKENDS", "RANKING", "default_precision", "load_predictor", "pick_backend"]

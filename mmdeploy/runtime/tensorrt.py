@@ -30,7 +30,7 @@ from ..errors import (
 from .base import Predictor
 
 INPUT_NAME = "pixel_values"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
