@@ -120,6 +120,7 @@ class Quantizer:
                               f"from {', '.join(CALIBRATION_METHODS)}")
         if self.method == "static" and self.calibration is None:
             raise ConfigError("static INT8 needs calibration images; use --int8 dynamic")
+        self.source = _linked_into(self.source, self.workdir)
         model = onnx.load(str(self.source))
         self.excluded_from_start = fp32_from_start(model)
         self.work = quantizable(model, self.excluded_from_start)
@@ -167,6 +168,20 @@ class Quantizer:
                     extra_options={"MatMulConstBOnly": True, "CalibStridedMinMax": 1})
         self.seconds += time.perf_counter() - started
         return target
+
+
+def _linked_into(source: Path, workdir: Path) -> Path:
+    """`source` (and its external data) as symlinks in `workdir`: ONNX Runtime's quantizer
+    writes a shape-inferred copy beside the graph it reads, on every build, and that must
+    not land in the run's export folder (a write there, hundreds of MB at ViT-B/16, and one
+    name shared by two quantizations of the same run)."""
+    linked = workdir / source.name
+    if linked.resolve() == source.resolve():
+        return source
+    for path in (source, source.with_name(f"{source.name}.data")):
+        if path.is_file():
+            (workdir / path.name).symlink_to(path.resolve())
+    return linked
 
 
 @contextlib.contextmanager

@@ -69,11 +69,11 @@ class PredictorSpec:
                    f"{predictor.describe()}, precision {precision}", predictor.device,
                    predictor.batch_range[1], predictor.preprocessor)
 
-    def load_predictor(self) -> Predictor:
-        """The worker's own predictor."""
+    def load_predictor(self, threads: int | None = None) -> Predictor:
+        """The worker's own predictor (`threads`: see `runtime.load_predictor`)."""
         from .runtime import load_predictor
 
-        return load_predictor(self.run_path, self.backend, self.precision)
+        return load_predictor(self.run_path, self.backend, self.precision, threads)
 
     @property
     def gpu(self) -> bool:

@@ -59,8 +59,8 @@ class PredictorActor:
     """One predictor per actor for the whole run; a batch of decoded inputs in, one JSON row
     per input out. Lives in the installed package because Ray's workers import it by name."""
 
-    def __init__(self, spec: PredictorSpec, top_k: int):
-        self.predictor = spec.load_predictor()
+    def __init__(self, spec: PredictorSpec, top_k: int, threads: int | None = None):
+        self.predictor = spec.load_predictor(threads)
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,9 +141,11 @@ def run_ray_inference(spec: PredictorSpec, inputs: Iterable[Entry], output: Path
 
 
 def actor_resources(spec: PredictorSpec, session: RaySession,
-                    actors: int | None) -> tuple[int, float, float]:
-    """(pool size, CPUs, GPUs) per actor. By default one actor per GPU on a GPU backend, else
-    one per node (ONNX Runtime's threads already use every core of a node).
+                    actors: int | None) -> tuple[int, float, float, int | None]:
+    """(pool size, CPUs, GPUs, model threads) per actor. By default one actor per GPU on a
+    GPU backend, else one per node (ONNX Runtime's threads already use every core of a
+    node). On CPU, the actors of a node share its cores: each runs the model on its share
+    (N actors on a node each taking every core would slow all of them down).
 
     The actors together reserve at most half the cluster's CPUs: Ray does not start a decode
     task without a free CPU, so a pool holding every CPU (2 actors at 1 CPU on 2 cores)
@@ -154,7 +156,9 @@ def actor_resources(spec: PredictorSpec, session: RaySession,
     waiting on it instead of overlapping the two."""
     size = actors or (max(1, int(session.gpus)) if spec.gpu else session.nodes)
     gpus = gpus_per_worker(spec, session, size, "actor")
-    return size, min(0.5, session.cpus / (2 * size)), gpus
+    per_node = -(-size // max(1, session.nodes))
+    threads = None if spec.gpu else max(1, int(session.cpus // max(1, session.nodes)) // per_node)
+    return size, min(0.5, session.cpus / (2 * size)), gpus, threads
 
 
 def _stream(todo: list[dict], spec: PredictorSpec, options: RayInferenceOptions,
@@ -164,7 +168,7 @@ def _stream(todo: list[dict], spec: PredictorSpec, options: RayInferenceOptions,
         return
     import ray.data
 
-    size, cpus, gpus = actor_resources(spec, session, options.actors)
+    size, cpus, gpus, threads = actor_resources(spec, session, options.actors)
     batch_size = min(options.batch_size, spec.batch_max or options.batch_size)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts rows written, not blocks
@@ -176,7 +180,8 @@ def _stream(todo: list[dict], spec: PredictorSpec, options: RayInferenceOptions,
         .map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
                      fn_kwargs={"preprocessor": spec.preprocessor})
         .map_batches(PredictorActor, batch_size=batch_size, batch_format="numpy",
-                     fn_constructor_kwargs={"spec": spec, "top_k": options.top_k},
+                     fn_constructor_kwargs={"spec": spec, "top_k": options.top_k,
+                                            "threads": threads},
                      compute=ray.data.ActorPoolStrategy(size=size), num_cpus=cpus,
                      num_gpus=gpus)
     )

@@ -162,7 +162,10 @@ def pick_backend(run_path: str | Path, requested: str | None = None,
     raise AssertionError("torch is always available")
 
 
-def load_predictor(run_path: str | Path, backend: str, precision: str = "fp32") -> Predictor:
+def load_predictor(run_path: str | Path, backend: str, precision: str = "fp32",
+                   threads: int | None = None) -> Predictor:
+    """The run's predictor on `backend`. `threads`: ONNX Runtime's intra-op threads (None:
+    one per core), for several predictors sharing a machine's cores."""
     if precision != "fp32" and backend != "onnxruntime":
         raise BackendUnavailableError(backend, f"{precision} is served by onnxruntime only")
     if backend == "tensorrt":
@@ -172,7 +175,7 @@ def load_predictor(run_path: str | Path, backend: str, precision: str = "fp32") 
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimePredictor
 
-        return OnnxRuntimePredictor(run_path, precision=precision)
+        return OnnxRuntimePredictor(run_path, threads, precision)
     if backend == "aoti":
         from .aoti import AotiPredictor
 

@@ -62,21 +62,22 @@ def spec(device: str) -> PredictorSpec:
 
 
 @pytest.mark.parametrize(("cpus", "nodes", "actors", "expected"), [
-    (2, 1, None, (1, 0.5, 0.0)),  # one actor per node by default
-    (2, 1, 2, (2, 0.5, 0.0)),  # 2 actors on 2 CPUs: 1 CPU left to decode (not 0: a hang)
-    (2, 1, 8, (8, 0.125, 0.0)),
-    (64, 4, None, (4, 0.5, 0.0)),
+    (2, 1, None, (1, 0.5, 0.0, 2)),  # one actor per node by default, on every core
+    (2, 1, 2, (2, 0.5, 0.0, 1)),  # 2 actors on 2 CPUs: 1 CPU left to decode (not 0: a hang)
+    (2, 1, 8, (8, 0.125, 0.0, 1)),
+    (64, 4, None, (4, 0.5, 0.0, 16)),
+    (64, 4, 8, (8, 0.5, 0.0, 8)),  # 2 actors a node share its 16 cores
 ])
 def test_actors_leave_half_the_cpus_to_the_decode_tasks(cpus, nodes, actors, expected):
     session = RaySession("local", True, cpus, 0, nodes)
-    size, per_actor, gpus = actor_resources(spec("cpu"), session, actors)
-    assert (size, per_actor, gpus) == expected
+    size, per_actor, gpus, threads = actor_resources(spec("cpu"), session, actors)
+    assert (size, per_actor, gpus, threads) == expected
     assert size * per_actor <= cpus / 2
 
 
 def test_gpu_actors_take_one_gpu_each_or_are_refused():
     assert actor_resources(spec("cuda"), RaySession("a:1", False, 32, 4, 2), None) == (
-        4, 0.5, 1.0)
+        4, 0.5, 1.0, None)
     with pytest.raises(ConfigError, match="one per actor, but the Ray cluster has 1 GPUs for 2"):
         actor_resources(spec("cuda"), RaySession("a:1", False, 32, 1, 1), 2)
     with pytest.raises(ConfigError, match="has 0 GPUs for 1 actor"):
