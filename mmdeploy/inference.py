@@ -36,7 +36,7 @@ from .rows import COLUMNS, RowWriter, completed_paths, error_row, prediction_row
 from .runtime.base import Predictor
 
 __all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
-           "new_inputs", "predict_rows", "prepare_input", "run_inference"]
+           "new_inputs", "predict_rows", "prepare_input", "run_inference", "write_rows"]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -82,21 +82,28 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     with (contextlib.closing(prepared), RowWriter(output, append=options.resume) as writer,
           progress(desc=f"infer ({predictor.backend})", unit="img") as bar):
         for batch in _batches(prepared, batch_size):
-            rows = predict_rows(predictor, batch, options.top_k)
-            failed = [i for i, row in enumerate(rows) if row["error"] is not None]
-            if options.fail_fast and failed:
-                writer.write(rows[: failed[0]])
-                summary.written += failed[0]
-                raise InputError(f"{rows[failed[0]]['error']}; stopped by --fail-fast, keeping "
-                                 f"the {summary.written} row(s) before it in {output}")
-            writer.write(rows)
-            summary.written += len(rows)
-            summary.errors += len(failed)
-            bar.update(len(rows))
-            if summary.errors:
-                bar.set_postfix(errors=summary.errors, refresh=False)
+            write_rows(predict_rows(predictor, batch, options.top_k), writer, summary, bar,
+                       options.fail_fast)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def write_rows(rows: list[dict], writer: RowWriter, summary: InferenceSummary, bar: tqdm,
+               fail_fast: bool) -> None:
+    """Append a batch's rows and count them; with `fail_fast`, only the rows before its
+    first error row, then an `InputError` naming that input."""
+    failed = [i for i, row in enumerate(rows) if row["error"] is not None]
+    if fail_fast and failed:
+        writer.write(rows[: failed[0]])
+        summary.written += failed[0]
+        raise InputError(f"{rows[failed[0]]['error']}; stopped by --fail-fast, keeping the "
+                         f"{summary.written} row(s) before it in {writer.path}")
+    writer.write(rows)
+    summary.written += len(rows)
+    summary.errors += len(failed)
+    bar.update(len(rows))
+    if summary.errors:
+        bar.set_postfix(errors=summary.errors, refresh=False)
 
 
 def new_inputs(inputs: Iterable[Entry], done: set[str],

@@ -37,9 +37,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import BadEntry, Entry, Sample
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 from .images import Preprocessor
-from .inference import InferenceSummary, new_inputs, predict_rows, prepare_input
+from .inference import InferenceSummary, new_inputs, predict_rows, prepare_input, write_rows
 from .ray_cluster import PredictorSpec, RayOptions, RaySession, gpus_per_worker, ray_session
 from .rows import COLUMNS, RowWriter, completed_paths
 
@@ -124,18 +124,7 @@ def run_ray_inference(spec: PredictorSpec, inputs: Iterable[Entry], output: Path
     with (_writer(output, append=options.resume) as writer,
           progress(desc=f"infer ({spec.backend}, ray)", unit="img", total=len(todo)) as bar):
         for rows in _stream(todo, spec, options, session):
-            failed = [i for i, row in enumerate(rows) if row["error"] is not None]
-            if options.fail_fast and failed:
-                writer.write(rows[: failed[0]])
-                summary.written += failed[0]
-                raise InputError(f"{rows[failed[0]]['error']}; stopped by --fail-fast, keeping "
-                                 f"the {summary.written} row(s) written before it in {output}")
-            writer.write(rows)
-            summary.written += len(rows)
-            summary.errors += len(failed)
-            bar.update(len(rows))
-            if summary.errors:
-                bar.set_postfix(errors=summary.errors, refresh=False)
+            write_rows(rows, writer, summary, bar, options.fail_fast)
     summary.seconds = time.perf_counter() - started
     return summary
 
