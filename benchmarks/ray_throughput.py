@@ -7,8 +7,9 @@ held-out images and large JPEG photographs), then runs, each as a fresh `mmdeplo
 on that folder: `infer` (local engine) and `infer --engine ray --actors N` for each N.
 Reported per run: the images/s the command prints (its pipeline, without process start-up
 and model loading; for Ray that includes starting the actors, not `ray.init`), the wall
-time of the whole command, and the peak memory of the command and every process it
-started (PSS, so pages shared between Ray's processes count once).
+time of the whole command, when the first row reached the output file and the rows/s from
+then on (the output is sampled every 0.25 s), and the peak memory of the command and every
+process it started (PSS, so pages shared between Ray's processes count once).
 
 Then `serve --engine ray --replicas R` on a free port: after a warm-up, `--clients` threads
 each send `--requests` single-image POST /predict requests back to back; p50/p95 latency and
@@ -60,9 +61,12 @@ def tree_pss_bytes(root: int) -> int:
 
 
 class Command:
-    """`python -m mmdeploy ARGS`, its wall time and the peak PSS of its process tree."""
+    """`python -m mmdeploy ARGS`, its wall time and the peak PSS of its process tree; with
+    `rows`, also when each line of that output file appeared (sampled with the PSS)."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], rows: Path | None = None):
+        self.rows = rows
+        self.row_times: list[tuple[float, int]] = []  # (seconds since start, lines written)
         self.started = time.perf_counter()
         self.process = subprocess.Popen([sys.executable, "-m", "mmdeploy", *args],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -74,7 +78,22 @@ class Command:
     def _sample(self) -> None:
         while self.process.poll() is None:
             self.peak = max(self.peak, tree_pss_bytes(self.process.pid))
-            time.sleep(0.5)
+            if self.rows is not None and self.rows.exists():
+                with open(self.rows, "rb") as handle:
+                    lines = sum(1 for _ in handle)
+                self.row_times.append((time.perf_counter() - self.started, lines))
+            time.sleep(0.25)
+
+    def row_rates(self) -> dict:
+        """When the first row appeared, and rows/s from then to the last one (what start-up
+        costs, and the pipeline's rate once it runs)."""
+        written = [(t, n) for t, n in self.row_times if n > 0]
+        if len(written) < 2 or written[-1][0] == written[0][0]:
+            return {}
+        (first, rows_then), (last, total) = written[0], max(written, key=lambda s: s[1])
+        return {"first_row_seconds": round(first, 1),
+                "rows_per_second_after_first_row": round((total - rows_then) / (last - first),
+                                                         2)}
 
     def finish(self) -> tuple[str, str, float]:
         out, err = self.process.communicate()
@@ -92,11 +111,11 @@ def measure_infer(run: str, images: Path, backend: str, batch_size: int,
                 "--backend", backend, "--batch-size", str(batch_size)]
         if actors is not None:
             args += ["--engine", "ray", "--actors", str(actors)]
-        command = Command(args)
+        command = Command(args, rows=Path(folder) / "rows.jsonl")
         out, _, seconds = command.finish()
     rate = float(re.search(r"\(([\d.]+) images/s\)", out).group(1))
     return {"images_per_second": rate, "wall_seconds": round(seconds, 1),
-            "peak_pss_gib": round(command.peak / 2**30, 2)}
+            "peak_pss_gib": round(command.peak / 2**30, 2), **command.row_rates()}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
