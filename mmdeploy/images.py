@@ -132,7 +132,7 @@ def _finish(image: Image.Image, label: str) -> Image.Image:
     try:
         _check_size(image, label)
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
     except InputError:
         raise
@@ -142,15 +142,52 @@ def _finish(image: Image.Image, label: str) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
-        # PIL's own conversion clips 16-bit values at 255; rescale 0..65535 to 0..255 instead.
-        wide = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8))
+        image = Image.fromarray(_sixteen_to_eight_bit(np.asarray(image)))
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _sixteen_to_eight_bit(wide: np.ndarray) -> np.ndarray:
+    """Rescale 0..65535 to 0..255, rounding to nearest (PIL's own conversion clips at 255).
+
+    Integer arithmetic, a band of rows at a time, so a 40-megapixel image needs its 8-bit
+    result and small temporaries, not float64 copies of 320 MB: with x = 257 q + r,
+    round(x / 257) is q + (r >= 129) (257 is odd, so no x falls halfway).
+    """
+    out = np.empty(wide.shape, dtype=np.uint8)
+    for top in range(0, len(wide), _BAND_ROWS):
+        band = wide[top:top + _BAND_ROWS]
+        if band.dtype != np.uint16:  # mode "I" is int32, "I;16B" big-endian
+            band = np.clip(band, 0, 65535).astype(np.uint16)
+        quotient = band // 257
+        quotient += (band - quotient * 257) >= 129
+        out[top:top + _BAND_ROWS] = quotient
+    return out
+
+
+_BAND_ROWS = 256
+
+
+def image_pixels(source: ImageSource) -> int:
+    """width x height from the image's header without decoding it, for bytes or a regular
+    file; 0 when it cannot be read that way (decoding then says why)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            if not stat.S_ISREG(os.stat(source).st_mode):
+                return 0
+            opened = Image.open(source)
+        elif isinstance(source, (bytes, bytearray)):
+            opened = Image.open(io.BytesIO(source))
+        else:
+            return 0
+        with opened as image:
+            return image.width * image.height
+    except Exception:  # whatever stops the header being read stops decoding too, with a reason
+        return 0
 
 
 class Preprocessor:
