@@ -211,11 +211,13 @@ def display_name(path: str | os.PathLike) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
-# C0 controls, DEL, and what Python's str.splitlines() also breaks lines at
+# C0 controls, DEL, what Python's str.splitlines() also breaks lines at, and the
+# bidirectional controls that make a name display as another (U+202E shows "gpj.exe" as
+# "exe.jpg"): every place a name is shown gets them escaped.
 _CONTROL_ESCAPES = {
     **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85)},
-    0x2028: "\\u2028",
-    0x2029: "\\u2029",
+    **{code: f"\\u{code:04x}" for code in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                                             *range(0x202A, 0x202F), *range(0x2066, 0x206A))},
 }
 
 
