@@ -8,7 +8,9 @@ Serve's HTTP proxy:
                    200 {"rows": [the `mmdeploy infer` row of each image, in upload order],
                    "backend": ...}; an image that does not decode gets its error row.
                    400 {"error": ...} when no image decodes or a request breaks a limit,
-                   413 for a file over --max-file-mb, 503 when the queue is full.
+                   413 for a body, a file or a file count over the limits (checked as the
+                   body streams in: see `uploads`), 411 for a body that does not say its
+                   length, 503 when the queue is full.
     GET  /health   status, backend, this replica's id and counters
     GET  /info     the run (as `mmdeploy info --json`) and how it is served
 
@@ -41,12 +43,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from ..data import display_name
 from ..errors import ConfigError, InputError
 from ..ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
-from ..rows import prediction_row
 from ..runtime import pick_backend
 from .service import Classifier, ServeLimits
+from .uploads import UploadRefused, read_uploads
 
 APP_NAME = "mmdeploy"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
@@ -66,10 +67,8 @@ class RayServeConfig:
     limits: ServeLimits = ServeLimits()
     precision: str = "fp32"
     address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray
-
-
-class _TooLarge(InputError):
-    """An upload over the size limit (answered 413, not 400)."""
+    graceful_seconds: float = 30.0  # for a replica's requests in flight at shutdown
+    show_paths: bool = False  # the run's and backbone's server paths in /health and /info
 
 
 api = FastAPI(title="mmdeploy (Ray Serve)")
@@ -83,8 +82,9 @@ class ClassifierDeployment:
     def __init__(self, run_path: str, backend: str, config: RayServeConfig):
         self.classifier = Classifier(run_path, backend, config.limits, config.precision)
         self.limits = config.limits
+        self.details = self.classifier.public_details(config.show_paths)
         self.serving = {key: value for key, value in asdict(config).items()
-                        if key not in ("address", "limits")}
+                        if key not in ("address", "limits", "show_paths")}
         self.serving["limits"] = config.limits.describe()
         self.predict_batch.set_max_batch_size(config.concurrency)
         self.predict_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
@@ -94,23 +94,19 @@ class ClassifierDeployment:
         uploads: list[tuple[str, bytes]] = []
         try:
             uploads = await self._uploads(request)
-            rows, pixels = await asyncio.to_thread(self._decode, uploads)
-            probs, labels = await self.predict_batch(pixels)
+            decoded = await asyncio.to_thread(self.classifier.decode, uploads)
+            probs, labels = await self.predict_batch(decoded.pixels)
         except InputError as exc:
             self.classifier.counters.add(len(uploads), failed=True)
-            status = 413 if isinstance(exc, _TooLarge) else 400
+            status = exc.status if isinstance(exc, UploadRefused) else 400
             return JSONResponse({"error": str(exc)}, status_code=status)
-        waiting = [i for i, row in enumerate(rows) if row is None]
-        for position, prob, label in zip(waiting, probs, labels, strict=True):
-            rows[position] = prediction_row(uploads[position][0], prob, int(label),
-                                            self.classifier.class_names, self.limits.top_k)
+        rows = self.classifier.fill_rows(decoded, probs, labels)
         self.classifier.counters.add(len(rows), failed=False)
         return JSONResponse({"rows": rows, "backend": self.classifier.backend})
 
     @api.get("/health")
     def health(self) -> dict:
-        return {"status": "ok", "run": str(self.classifier.run_path),
-                "adapter": self.classifier.details["adapter"],
+        return {"status": "ok", "run": self.details["run"], "adapter": self.details["adapter"],
                 "backend": self.classifier.backend,
                 "classes": len(self.classifier.class_names),
                 "replica": serve.get_replica_context().replica_id.unique_id,
@@ -118,7 +114,7 @@ class ClassifierDeployment:
 
     @api.get("/info")
     def info(self) -> dict:
-        return {**self.classifier.details, "backend": self.classifier.backend,
+        return {**self.details, "backend": self.classifier.backend,
                 "serving": self.serving}
 
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.01)
@@ -126,42 +122,20 @@ class ClassifierDeployment:
         """(probs, labels) for each request's pixels, from one model call over all of them
         (in chunks the export's batch range allows), in a thread: the replica keeps taking
         requests meanwhile."""
-        probs, labels = await asyncio.to_thread(self._predict, np.concatenate(requests))
+        probs, labels = await asyncio.to_thread(self.classifier.predict,
+                                                 np.concatenate(requests))
         bounds = np.cumsum([len(pixels) for pixels in requests])[:-1]
         return list(zip(np.split(probs, bounds), np.split(labels, bounds), strict=True))
 
-    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        predictor = self.classifier.predictor
-        chunk = predictor.batch_range[1] or len(pixels)
-        parts = [predictor.predict_pixels(pixels[start:start + chunk])
-                 for start in range(0, len(pixels), chunk)]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
-
     async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
-        """The request's `files` parts as (display name, bytes), within the limits."""
-        async with request.form() as form:
-            files = [part for part in form.getlist("files") if not isinstance(part, str)]
-            if not files:
-                raise InputError("no image uploaded: send each image as a multipart/form-data "
-                                 "part named `files`")
-            if len(files) > self.limits.max_images:
-                raise InputError(f"{len(files)} images uploaded; the limit is "
-                                 f"{self.limits.max_images} a request")
-            uploads = []
-            for number, part in enumerate(files, start=1):
-                name = display_name(part.filename or f"upload-{number}")
-                data = await part.read()
-                if len(data) > self.limits.max_file_bytes:
-                    raise _TooLarge(f"{name}: {len(data):,} bytes; the limit is "
-                                    f"{self.limits.max_file_bytes // 2**20} MiB a file")
-                uploads.append((name, data))
+        """The request's `files` parts as (display name, bytes). The body's size, its part
+        count and each part's size are checked as it streams in (`read_uploads`), so an
+        oversized request is refused before it is buffered."""
+        uploads = await read_uploads(request, self.limits)
+        if not uploads:
+            raise InputError("no image uploaded: send each image as a multipart/form-data "
+                             "part named `files`")
         return uploads
-
-    def _decode(self, uploads: list[tuple[str, bytes]]) -> tuple[list[dict | None], np.ndarray]:
-        """An error row for each upload that does not decode (None for the others) and the
-        pixels of those that do."""
-        rows, decoded = self.classifier.decode(uploads)
-        return rows, self.classifier.predictor.preprocessor([image for _, _, image in decoded])
 
 
 def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RayServeConfig,
@@ -184,6 +158,7 @@ def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RaySe
         deployment = ClassifierDeployment.options(
             num_replicas=config.replicas, max_ongoing_requests=config.concurrency,
             max_queued_requests=config.max_queue,
+            graceful_shutdown_timeout_s=config.graceful_seconds,
             ray_actor_options={"num_cpus": min(1.0, session.cpus / config.replicas),
                                "num_gpus": gpus})
         serve.start(http_options={"host": config.host, "port": port}, logging_config=QUIET)

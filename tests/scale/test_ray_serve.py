@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -110,10 +112,31 @@ def test_bad_uploads_get_a_clear_4xx_and_serving_goes_on(server, images, infer_r
     same_row(good, infer_rows[images[0].name], images[0].name)
 
     response = httpx.post(server.url + "predict", timeout=30, content=b"raw bytes")
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("expected a multipart/form-data body")
+    response = httpx.post(server.url + "predict", timeout=30, files={"note": (None, b"no files")})
     assert response.status_code == 400 and "no image uploaded" in response.json()["error"]
 
+    # Limits on the body as it streams in (`apps/uploads.py`): a file over 1 MiB, more files
+    # than a request takes, a body without a length, a length over the request's limit.
     response = predict(server, [("big.png", bytes(2 * 2**20))])
-    assert response.status_code == 413 and "big.png" in response.json()["error"]
+    assert response.status_code == 413
+    assert response.json()["error"] == "big.png: over the limit of 1,048,576 bytes a file"
+    response = predict(server, [(f"{i}.png", b"x") for i in range(17)])
+    assert response.status_code == 413
+    assert response.json()["error"] == "more than 16 files in one request; the limit is 16"
+    response = httpx.post(server.url + "predict", timeout=30, content=iter([b"--x\r\n"]),
+                          headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 411
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: "
+                     f"multipart/form-data; boundary=x\r\nContent-Length: {300 * 2**20}\r\n"
+                     "\r\n--x\r\n".encode())
+        answer = b""
+        while b"}" not in answer and (chunk := sock.recv(65536)):  # to the JSON's end
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"is over the limit" in answer, answer
 
     for path in images[:5]:
         response = predict(server, [(path.name, path.read_bytes())])
