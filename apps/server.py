@@ -20,26 +20,42 @@ from pathlib import Path
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from gradio.route_utils import API_PREFIX
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ConfigError
 from .examples import examples_or_reason
 from .service import Classifier, ServeLimits
 from .ui import build_ui
+from .uploads import UploadLimitMiddleware
+
+HEADER_TIMEOUT_SECONDS = 10.0
+"""How long a connection may take to send a whole request head (see `_HeadDeadline`)."""
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """How the app is served. `concurrency` requests run at once (each may hold up to
-    `limits.max_images` images); up to `max_queue` more wait, later ones are refused."""
+    `limits.max_images` images); up to `max_queue` more wait, later ones are refused. On
+    SIGINT/SIGTERM requests in flight get `graceful_seconds` to finish. Clients see no server
+    path (the run by its folder's name) unless `show_paths`."""
 
     host: str = "127.0.0.1"
     port: int = 7860
     concurrency: int = 2
     max_queue: int = 64
     limits: ServeLimits = ServeLimits()
-    graceful_seconds: float = 5.0
+    graceful_seconds: float = 30.0
+    show_paths: bool = False
+
+    @property
+    def max_connections(self) -> int:
+        """Open connections and tasks beyond which uvicorn answers 503: each queued or
+        running request holds about two (its call and its event stream), a browser tab one
+        more, with room for health checks."""
+        return 4 * (self.concurrency + self.max_queue) + 64
 
 
 @dataclass
@@ -57,25 +73,58 @@ class ServedApp:
 
 
 def build_app(classifier: Classifier, config: ServeConfig, examples_dir: Path) -> ServedApp:
-    """The FastAPI app: `/health` plus the Gradio page (with its queue) at `/`."""
+    """The FastAPI app: `/health` plus the Gradio page (with its queue) at `/`, behind the
+    upload limits; no API docs routes."""
     examples, note = examples_or_reason(classifier.predictor.run, examples_dir)
-    blocks = build_ui(classifier, examples, note)
+    blocks = build_ui(classifier, examples, note, show_paths=config.show_paths)
     blocks.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
-    app = FastAPI(title="mmdeploy")
+    app = FastAPI(title="mmdeploy", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UploadLimitMiddleware, upload_path=f"{API_PREFIX}/upload",
+                       limits=config.limits)
+    details = classifier.public_details(config.show_paths)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "run": str(classifier.run_path),
-                "adapter": classifier.details["adapter"], "backend": classifier.backend,
-                "classes": len(classifier.class_names), "concurrency": config.concurrency,
-                "served": classifier.counters.snapshot()}
+        return {"status": "ok", "run": details["run"], "adapter": details["adapter"],
+                "backend": classifier.backend, "classes": len(classifier.class_names),
+                "concurrency": config.concurrency, "served": classifier.counters.snapshot()}
 
     gr.mount_gradio_app(app, blocks, path="/", server_name=config.host,
                         server_port=config.port, max_file_size=config.limits.max_file_bytes,
                         allowed_paths=[str(examples_dir)], ssr_mode=False,
                         footer_links=["api"], run_history=False)
+    # Gradio checks that a file named in a request was uploaded by a client (or is one of
+    # the app's own examples) only once `has_launched` is set, which `launch()` does and
+    # `mount_gradio_app` does not (`processing_utils._check_allowed`). Without it any server
+    # path posted as the input is opened, hashed and copied into the cache for download.
+    blocks.has_launched = True
     gradio_app = next(route.app for route in app.routes if isinstance(route, Mount))
     return ServedApp(app, gradio_app)
+
+
+class _HeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request
+    head `HEADER_TIMEOUT_SECONDS` after it opened or after its last response. uvicorn has no
+    such setting: its keep-alive timer starts only after a first response and any byte
+    resets it, so a client that never finishes its headers would hold a connection forever.
+    """
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._expect_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._expect_request()
+
+    def _expect_request(self) -> None:
+        current = self.cycle  # a new request head replaces it
+
+        def close_if_still_waiting() -> None:
+            if self.cycle is current and not self.transport.is_closing():
+                self.transport.close()
+
+        self.loop.call_later(HEADER_TIMEOUT_SECONDS, close_if_still_waiting)
 
 
 class _Server(uvicorn.Server):
@@ -98,6 +147,24 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         self._served.end_streams()
         await super().shutdown(sockets)
+
+
+@contextlib.contextmanager
+def _private_gradio_cache():
+    """A Gradio cache folder of this server's own (inside $GRADIO_TEMP_DIR if set), removed
+    when it stops. Gradio's default cache is one folder per machine, its files named by
+    content: a second server on the machine shares them, and deletes them all when it stops
+    (the app's examples among them), so they must not be shared."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    with tempfile.TemporaryDirectory(prefix="mmdeploy-gradio-", dir=previous) as folder:
+        os.environ["GRADIO_TEMP_DIR"] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["GRADIO_TEMP_DIR"]
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def _interrupt(signum, frame) -> None:
@@ -123,11 +190,13 @@ def serve(classifier: Classifier, config: ServeConfig, listener: socket.socket,
     installed before it; SIGTERM's is set to raise KeyboardInterrupt like SIGINT's, so both
     end here. Must run in the main thread (signal handlers can only be set there).
     """
-    with tempfile.TemporaryDirectory(prefix="mmdeploy-examples-") as examples_dir:
+    with tempfile.TemporaryDirectory(prefix="mmdeploy-examples-") as examples_dir, \
+            _private_gradio_cache():
         served = build_app(classifier, config, Path(examples_dir))
-        server = _Server(served, uvicorn.Config(served.app, log_level="warning",
-                                                timeout_graceful_shutdown=config.graceful_seconds),
-                         on_ready)
+        server = _Server(served, uvicorn.Config(
+            served.app, log_level="warning", http=_HeadDeadline,
+            limit_concurrency=config.max_connections,
+            timeout_graceful_shutdown=config.graceful_seconds), on_ready)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             with contextlib.suppress(KeyboardInterrupt):

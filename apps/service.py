@@ -8,17 +8,22 @@ and `rows.prediction_row` / `rows.error_row`; so it gets the row `infer` writes 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..data import display_name
 from ..errors import InputError, MmdeployError
-from ..images import MAX_IMAGE_PIXELS, ImageSource, load_image
+from ..images import MAX_IMAGE_PIXELS, ImageSource, image_pixels, load_image
 from ..info import describe_run
 from ..rows import error_row, prediction_row
 from ..runtime import default_precision, load_predictor, pick_backend
@@ -48,7 +53,7 @@ class Prediction:
     rows: list[dict]
     thumbnails: list[tuple[Image.Image, str]]
     backend: str
-    decode_ms: float
+    decode_ms: float  # decoding and preprocessing
     model_ms: float
 
     @property
@@ -58,6 +63,60 @@ class Prediction:
     @property
     def errors(self) -> list[str]:
         return [row["error"] for row in self.rows if row["error"] is not None]
+
+
+@dataclass
+class Decoded:
+    """A request's uploads after decoding: an error row where one failed (None elsewhere),
+    and for the others, in upload order, their position, name, pixels and thumbnail."""
+
+    rows: list[dict | None]
+    positions: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    pixels: np.ndarray | None = None
+    thumbnails: list[Image.Image] = field(default_factory=list)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's `malloc_trim(0)`, or nothing where the C library has none."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+release_freed_memory = _malloc_trim()
+"""Hand memory freed after decoding an image back to the OS. glibc keeps freed blocks of a
+few MB (PIL's image blocks, numpy temporaries) in the freeing thread's arena, and Gradio
+runs requests on many threads: without this, each thread's arena would keep the largest
+image it decoded resident."""
+
+
+class PixelBudget:
+    """Caps the pixels being decoded and preprocessed at once across all requests of a
+    server, so that concurrent requests of huge images take turns instead of adding up:
+    the worst case is one image at the decode limit, whatever the concurrency. An image
+    larger than the budget (it cannot be: `MAX_IMAGE_PIXELS` refuses it) would wait for an
+    empty budget and run alone."""
+
+    def __init__(self, pixels: int = MAX_IMAGE_PIXELS):
+        self.capacity = pixels
+        self._in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self._in_use + pixels <= self.capacity)
+            self._in_use += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_use -= pixels
+                self._changed.notify_all()
 
 
 @dataclass
@@ -97,10 +156,19 @@ class Classifier:
         # Said wherever the backend is shown (page, results, /health) when it is not FP32.
         self.backend = described if self.precision == "fp32" else f"{described}, {self.precision}"
         self.counters = Counters()
+        self.budget = PixelBudget()
 
     @property
     def class_names(self) -> list[str]:
         return self.predictor.class_names
+
+    def public_details(self, show_paths: bool = False) -> dict:
+        """`details` as a client may see them: with no server path in them (the run and a
+        local backbone by their folder's name) unless `show_paths`."""
+        if show_paths:
+            return self.details
+        spec = ",".join(_folder_name(part) for part in self.details["backbone"].split(","))
+        return {**self.details, "run": self.run_path.name, "backbone": spec}
 
     def classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
         """Predict `(name, path)` uploads. Files that fail to decode get an error row; if
@@ -113,24 +181,51 @@ class Classifier:
         self.counters.add(len(uploads), failed=False)
         return prediction
 
-    def decode(self, uploads: list[tuple[str, ImageSource]],
-               ) -> tuple[list[dict | None], list[tuple[int, str, Image.Image]]]:
-        """Decode `(name, file or bytes)` uploads as `infer` decodes a file: an error row for
-        each that fails (None for the others) and `(position, name, image)` for each that
-        decodes. If none decodes, an `InputError` naming every reason."""
-        rows: list[dict | None] = [None] * len(uploads)
-        decoded: list[tuple[int, str, Image.Image]] = []
+    def decode(self, uploads: list[tuple[str, ImageSource]], thumbnails: bool = False,
+               ) -> Decoded:
+        """Decode and preprocess `(name, file or bytes)` uploads as `infer` reads a file, one
+        at a time and within the server's pixel budget: each decoded image is released once
+        its pixels (and, if asked, its thumbnail) are taken, so a request holds at most one
+        full-size image however many it carries. An error row for each upload that fails;
+        if none decodes, an `InputError` naming every reason."""
+        decoded = Decoded([None] * len(uploads))
+        pixels: list[np.ndarray] = []
         for position, (name, source) in enumerate(uploads):
-            try:
-                image = load_image(source, name=name)
-                self.predictor.preprocessor.check(image, name)
-            except InputError as exc:
-                rows[position] = error_row(name, str(exc))
-                continue
-            decoded.append((position, name, image))
-        if not decoded:
-            raise InputError("; ".join(row["error"] for row in rows))
-        return rows, decoded
+            with self.budget.hold(image_pixels(source)):
+                try:
+                    image = load_image(source, name=name)
+                    self.predictor.preprocessor.check(image, name)
+                except InputError as exc:
+                    decoded.rows[position] = error_row(name, str(exc))
+                    continue
+                pixels.append(self.predictor.preprocessor([image]))
+                if thumbnails:
+                    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # in place: no copy
+                    decoded.thumbnails.append(image)
+                del image
+            release_freed_memory()
+            decoded.positions.append(position)
+            decoded.names.append(name)
+        if not pixels:
+            raise InputError("; ".join(row["error"] for row in decoded.rows))
+        decoded.pixels = np.concatenate(pixels)
+        return decoded
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, labels) for preprocessed pixels, in chunks the export's batch range allows."""
+        chunk = self.predictor.batch_range[1] or len(pixels)
+        parts = [self.predictor.predict_pixels(pixels[start:start + chunk])
+                 for start in range(0, len(pixels), chunk)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+    def fill_rows(self, decoded: Decoded, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+        """The request's rows: each decoded upload's prediction row in its place."""
+        rows = list(decoded.rows)
+        for position, name, prob, label in zip(decoded.positions, decoded.names, probs, labels,
+                                               strict=True):
+            rows[position] = prediction_row(name, prob, int(label), self.class_names,
+                                            self.limits.top_k)
+        return rows
 
     def _classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
         if not uploads:
@@ -139,27 +234,21 @@ class Classifier:
             raise InputError(f"{len(uploads)} images uploaded; the limit is "
                              f"{self.limits.max_images} a request")
         started = time.perf_counter()
-        rows, decoded = self.decode([(display_name(name), path) for name, path in uploads])
+        decoded = self.decode([(display_name(name), path) for name, path in uploads],
+                              thumbnails=True)
         decode_done = time.perf_counter()
-        batch = self.predictor.batch_range[1] or len(decoded)
-        for start in range(0, len(decoded), batch):
-            chunk = decoded[start:start + batch]
-            pixels = self.predictor.preprocessor([image for _, _, image in chunk])
-            probs, labels = self.predictor.predict_pixels(pixels)
-            for (position, name, _), prob, label in zip(chunk, probs, labels, strict=True):
-                rows[position] = prediction_row(name, prob, int(label), self.class_names,
-                                                self.limits.top_k)
+        rows = self.fill_rows(decoded, *self.predict(decoded.pixels))
         model_done = time.perf_counter()
-        thumbnails = [(_thumbnail(image), _caption(rows[position]))
-                      for position, _, image in decoded]
+        thumbnails = [(image, _caption(rows[position]))
+                      for position, image in zip(decoded.positions, decoded.thumbnails,
+                                                 strict=True)]
         return Prediction(rows, thumbnails, self.backend, (decode_done - started) * 1e3,
                           (model_done - decode_done) * 1e3)
 
 
-def _thumbnail(image: Image.Image) -> Image.Image:
-    small = image.copy()
-    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    return small
+def _folder_name(spec: str) -> str:
+    """A local checkpoint path as its folder's name; a hub id or `tiny` as it is."""
+    return Path(spec).name if os.path.isabs(spec) or Path(spec).exists() else spec
 
 
 def _caption(row: dict) -> str:

@@ -10,39 +10,48 @@ extension.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from ..errors import MmdeployError
+from ..errors import InputError, MmdeployError
 from .service import Classifier, Prediction
 
 TABLE_HEADERS = ["file", "label", "score", "error"]
 
 
-def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = "") -> gr.Blocks:
+def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = "",
+             show_paths: bool = False) -> gr.Blocks:
     """The page; the request queue and limits are set by the server that mounts it."""
-    details = classifier.details
+    details = classifier.public_details(show_paths)
     title = f"mmdeploy: {details['adapter']} on {details['backbone']}"
 
     def classify(paths: list[str] | None):
-        uploads = [(Path(p).name, p) for p in paths or []]
         try:
+            uploads = [(Path(p).name, uploaded_file(p, blocks.GRADIO_CACHE))
+                       for p in paths or []]
             result = classifier.classify(uploads)
         except MmdeployError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         if result.errors:
             gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
                        + "; ".join(result.errors))
+        thumbnails = [(save_thumbnail(image, blocks.GRADIO_CACHE), caption)
+                      for image, caption in result.thumbnails]
         return (_label_value(result.predicted[0]), status_markdown(result),
-                result.thumbnails, _table(result.rows), result.predicted)
+                thumbnails, _table(result.rows), result.predicted)
 
     def select(predicted: list[dict], event: gr.SelectData):
         return _label_value(predicted[event.index])
 
-    # Uploads and thumbnails are files in Gradio's cache: sweep those older than 15 minutes
-    # every 5, or a long-running server fills its disk.
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(300, 900)) as blocks:
+    # Uploads and thumbnails are files in Gradio's cache: sweep those older than 10 minutes
+    # every minute, or a long-running server fills its disk.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 600)) as blocks:
         gr.Markdown(f"## {title}\n{len(classifier.class_names)} classes, served by "
                     f"**{classifier.backend}**. Limits: {classifier.limits.describe()}.")
         rows = gr.State([])
@@ -55,12 +64,11 @@ def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = 
                 label = gr.Label(label="Top classes", num_top_classes=classifier.limits.top_k)
                 status = gr.Markdown()
                 gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
-                                     height=280, object_fit="contain", format="png",
-                                     allow_preview=False)
+                                     height=280, object_fit="contain", allow_preview=False)
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
                                      interactive=False, wrap=True)
         with gr.Tab("Run"):
-            gr.Markdown(run_markdown(classifier))
+            gr.Markdown(run_markdown(classifier, details))
         outputs = [label, status, gallery, table, rows]
         with examples_slot:
             if examples:
@@ -76,17 +84,52 @@ def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = 
     return blocks
 
 
+def uploaded_file(path: str, cache: str) -> str:
+    """`path` if it lies in Gradio's cache, where client uploads (and the app's examples)
+    are stored; any other server path is refused without being opened. Gradio itself
+    refuses such paths before calling us (see `server.build_app`); this holds if it ever
+    does not."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, os.path.realpath(cache)]) != os.path.realpath(cache):
+        raise InputError(f"{Path(path).name}: not a file uploaded to this server")
+    return real
+
+
+def save_thumbnail(image: Image.Image, cache: str) -> str:
+    """Write `image` as a PNG named by its content under Gradio's cache and return the path.
+
+    Written to a temporary name and renamed into place, so a client downloading it while
+    another request writes the same thumbnail gets a whole file (Gradio's own saving of
+    returned images writes the shared file in place: clients got truncated files). In the
+    cache, Gradio serves the file as it is and sweeps it with its uploads."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    folder = Path(cache, "mmdeploy-thumbnails")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    handle, staging = tempfile.mkstemp(dir=folder, prefix=".thumbnail-", suffix=".png")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
 def status_markdown(result: Prediction) -> str:
     total = result.decode_ms + result.model_ms
     count = len(result.predicted)
     return (f"**{result.backend}**: {count} image{'s' if count != 1 else ''} in "
-            f"{total:.1f} ms (decode {result.decode_ms:.1f} ms, preprocess + model "
+            f"{total:.1f} ms (decode + preprocess {result.decode_ms:.1f} ms, model "
             f"{result.model_ms:.1f} ms)")
 
 
-def run_markdown(classifier: Classifier) -> str:
+def run_markdown(classifier: Classifier, details: dict) -> str:
     """The Run tab: what is being served and how well its export matched PyTorch."""
-    d = classifier.details
+    d = details
     options = ", ".join(f"{key}={value}" for key, value in d["adapter_config"].items())
     facts = [
         ("run", f"`{d['run']}`"),

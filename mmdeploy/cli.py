@@ -454,8 +454,15 @@ def info(run_path, as_json) -> None:
 @click.option("--ray-address", default=None,
               help="With --engine ray: join this Ray cluster. Default: $RAY_ADDRESS, else a "
                    "local Ray started for the app and stopped with it.")
+@click.option("--grace-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On Ctrl+C or SIGTERM, how long requests in flight may take to finish "
+                   "before they are cancelled.")
+@click.option("--show-paths", is_flag=True,
+              help="Show clients the run's and the backbone's server paths (in /health, "
+                   "/info and the Run tab); by default only their folder names.")
 def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
-          max_file_mb, precision, engine, replicas, batch_wait_ms, ray_address) -> None:
+          max_file_mb, precision, engine, replicas, batch_wait_ms, ray_address,
+          grace_seconds, show_paths) -> None:
     """Serve a run in a Gradio app (upload images, top-k classes, backend and latency) with
     GET /health, or with --engine ray as an HTTP API on Ray Serve; stops cleanly on Ctrl+C
     or SIGTERM.
@@ -480,7 +487,8 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
             host=host, port=port, replicas=replicas or 1, concurrency=concurrency,
             max_queue=max_queue, batch_wait_ms=10.0 if batch_wait_ms is None else batch_wait_ms,
             limits=ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20),
-            precision=precision or default_precision(run_path), address=ray_address)
+            precision=precision or default_precision(run_path), address=ray_address,
+            graceful_seconds=grace_seconds, show_paths=show_paths)
         serve_on_ray(run_path, backend, config, log=lambda line: click.echo(line, err=True),
                      on_ready=lambda url: click.echo(
                          f"serving {run_path} ({config.replicas} Ray Serve replica"
@@ -501,7 +509,8 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
     for reason in classifier.skipped:
         click.echo(f"not using {reason}", err=True)
     config = server.ServeConfig(host=host, port=port, concurrency=concurrency,
-                                max_queue=max_queue, limits=limits)
+                                max_queue=max_queue, limits=limits,
+                                graceful_seconds=grace_seconds, show_paths=show_paths)
     server.serve(classifier, config, listener, on_ready=lambda url: click.echo(
         f"serving {run_path} ({classifier.details['adapter']}, {classifier.backend}, precision "
         f"{classifier.precision}) at {url} (Ctrl+C to stop)"))

@@ -6,6 +6,7 @@ port, read back from the URL it prints), serving the session's trained + exporte
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -34,15 +35,17 @@ class Server:
         return code, self.stdout.read_text(), self.stderr.read_text()
 
 
-def start_server(run: Path, folder: Path, max_file_mb: int = 16, *args: str) -> Server:
-    """`mmdeploy serve RUN --port 0 --max-file-mb N ARGS`, returned once it has printed the
-    URL it serves."""
+def start_server(run: Path, folder: Path, max_file_mb: int = 16, *args: str,
+                 env: dict[str, str] | None = None) -> Server:
+    """`mmdeploy serve RUN --port 0 --max-file-mb N ARGS` (with `env` added to the
+    environment), returned once it has printed the URL it serves."""
     folder.mkdir(parents=True, exist_ok=True)
     stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "mmdeploy", "serve", str(run), "--port", "0",
-             "--max-file-mb", str(max_file_mb), *args], stdout=out, stderr=err)
+             "--max-file-mb", str(max_file_mb), *args], stdout=out, stderr=err,
+            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         for line in stdout.read_text().splitlines():
@@ -59,7 +62,7 @@ def start_server(run: Path, folder: Path, max_file_mb: int = 16, *args: str) -> 
 
 @pytest.fixture(scope="session")
 def launch():
-    """`launch(run, folder, max_file_mb=16, *args)`: start `mmdeploy serve` (see
+    """`launch(run, folder, max_file_mb=16, *args, env=None)`: start `mmdeploy serve` (see
     `start_server`); the caller stops it."""
     return start_server
 

@@ -185,7 +185,7 @@ def test_request_limits(server, images, tmp_path):
         response = httpx.post(server.url + "gradio_api/upload", timeout=30,
                               files={"files": ("big.png", handle, "image/png")})
     assert response.status_code == 413
-    assert "File size exceeded maximum allowed size" in response.text
+    assert "big.png: over the limit of 1,048,576 bytes a file" in response.text
 
     assert app.predict([handle_file(images[0])], api_name=API)[0]["label"]
     served = httpx.get(server.url + "health", timeout=10).json()["served"]

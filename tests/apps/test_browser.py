@@ -38,8 +38,18 @@ def test_upload_and_classify_in_chromium(server, image_dir, tmp_path):
             status.wait_for()
             shown, status_text = label.inner_text().strip(), status.inner_text()
             page.screenshot(path=tmp_path / "app.png", full_page=True)
+
+            # An example (one of the app's own files, not an upload) still runs: refusing
+            # server paths a client names must not refuse the app's examples.
+            example = page.locator("button.gallery-item").first
+            example_name = example.inner_text().strip()
+            example.click()
+            page.get_by_text(f"{example_name}: ").first.wait_for(timeout=30_000)  # caption
+            example_label = label.inner_text().strip()
+            errors = page.get_by_text("not uploaded").count()
         finally:
             browser.close()
     assert shown == expected
     assert status_text.startswith("onnxruntime")  # which backend served, and its latency
     assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert example_label and errors == 0
