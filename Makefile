@@ -24,7 +24,7 @@ demo: $(BIN)/mmdeploy
 		--shots 16 --epochs 30 --lr 3e-3 --option rank=4 --option num_layers=2
 	$(BIN)/mmdeploy export --adapter hmmoe --run $(RUN) --format onnx
 	$(BIN)/mmdeploy verify $(RUN)
-	$(BIN)/python -m mmdeploy.demo_images $(RUN)/demo-images
+	$(BIN)/python -m mmdeploy.inference.demo_images $(RUN)/demo-images
 	$(BIN)/mmdeploy infer $(RUN) $(RUN)/demo-images -o $(RUN)/predictions.jsonl --overwrite
 	$(BIN)/mmdeploy info $(RUN)
 	$(BIN)/mmdeploy serve $(RUN) --port $(PORT)
@@ -38,8 +38,13 @@ bench: $(BIN)/mmdeploy
 bench-vitb16: $(BIN)/mmdeploy
 	$(BIN)/mmdeploy bench runs/bench-vitb16 --backbone vit-b16 --batch 1,8,32 --warmup 2 --iters 10
 
+# lint-imports reads the package as installed (the stage folders are subpackages of mmdeploy
+# only there), so it checks a throwaway copy installed under build/.
 lint: $(BIN)/mmdeploy
 	$(BIN)/ruff check .
+	rm -rf build/import-graph
+	$(BIN)/python -m pip install --quiet --no-deps --target build/import-graph .
+	cd build/import-graph && ../../$(BIN)/lint-imports ../../pyproject.toml
 
 # The browser test drives Debian's chromium with Playwright (`playwright install` would
 # download a browser, which these machines cannot). Installing it needs root or password-less

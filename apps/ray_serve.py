@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ..errors import ConfigError, InputError
-from ..ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
+from ..inference.ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
 from ..runtime import pick_backend
 from .service import Classifier, ServeLimits
 from .uploads import UploadRefused, read_uploads

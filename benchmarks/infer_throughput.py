@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdeploy.demo_images import write_demo_images
+from mmdeploy.inference.demo_images import write_demo_images
 
 SIZES = [(1024, 768), (800, 600), (1280, 960), (640, 480)]
 

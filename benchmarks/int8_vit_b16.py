@@ -4,7 +4,7 @@
 
 RUN is an exported run (its verified `export/model.onnx` is read, never changed); when it
 does not exist, it is built first as `mmdeploy bench RUN --backbone vit-b16` builds it
-(`mmdeploy.vit_b16.prepare_run`: a one-step run on a random ViT-B/16-sized CLIP).
+(`mmdeploy.bench.vit_b16.prepare_run`: a one-step run on a random ViT-B/16-sized CLIP).
 
 1. Four INT8 graphs are quantized from that FP32 graph into a temporary folder, with the
    project's own code (`exporters/int8.py`, `calibration.py`, `gate.py`, combined as
@@ -21,12 +21,13 @@ does not exist, it is built first as `mmdeploy bench RUN --backbone vit-b16` bui
    Static calibration takes `--calib` training images (one batch at a time, minmax by
    default); the dynamic fallback ranks its groups on as many training images.
 2. After that, eager PyTorch (the run's deploy form, on the CPU), ONNX Runtime FP32 and each
-   INT8 graph are timed at each batch size on random pixels (`mmdeploy.bench.measure`: `--warmup`
+   INT8 graph are timed at each batch size on random pixels
+   (`mmdeploy.bench.backends.measure`: `--warmup`
    calls, then the median of `--iters`), batch by batch with every backend loaded, so the
    ratios (x eager; INT8 speed-up = FP32 ORT median / INT8 median) come from one run. Each
    row's achieved GFLOP/s (GOP/s for INT8: the FP32 graph's MatMul/Gemm/Conv work, as
    `mmdeploy bench` counts it) is given as a share of this machine's ONNX Runtime FP32
-   MatMul / INT8 MatMulInteger peak, measured in the same run (`mmdeploy.peak`; static QDQ
+   MatMul / INT8 MatMulInteger peak, measured in the same run (`mmdeploy.bench.peak`; static QDQ
    graphs run ORT's fused U8S8 kernels rather than MatMulInteger: the same peak, roughly).
 3. File sizes (MB) of the FP32 graph and of each INT8 graph, and the wall time of every
    phase.
@@ -55,7 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmdeploy.artifacts import Manifest, RunDir, installed_versions
-from mmdeploy.bench import (
+from mmdeploy.bench.backends import (
     _VERSIONED,
     Runner,
     Timing,
@@ -65,12 +66,12 @@ from mmdeploy.bench import (
     torch_runner,
     write_result,
 )
+from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.errors import ArtifactError
 from mmdeploy.exporters import int8
 from mmdeploy.exporters.calibration import PixelReader, calibration_reader
 from mmdeploy.exporters.gate import GateBounds, GateData, candidate_logits, gate_data
 from mmdeploy.exporters.gate import measure as gate_measure
-from mmdeploy.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.registry import ADAPTERS
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
@@ -168,7 +169,7 @@ def log(message: str) -> None:
 
 
 def backbone_label(run: RunConfig) -> str:
-    from mmdeploy.vit_b16 import LABEL
+    from mmdeploy.bench.vit_b16 import LABEL
 
     name = Path(run.backbone.spec).name
     return LABEL if name.startswith("vit-b16-clip-random") else name
@@ -179,7 +180,7 @@ def ensure_run(path: Path, adapter: str, batches: list[int]) -> None:
     (an existing run is only read)."""
     if path.exists():
         return
-    from mmdeploy.vit_b16 import prepare_run
+    from mmdeploy.bench.vit_b16 import prepare_run
 
     prepare_run(path, adapter, batches, log=log)
 

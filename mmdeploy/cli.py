@@ -287,13 +287,13 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
     """
     import itertools
 
-    from .data import list_inputs
-    from .inference import DEFAULT_WORKERS, InferenceOptions, run_inference
+    from .inference.batch import DEFAULT_WORKERS, InferenceOptions, run_inference
+    from .inference.inputs import list_inputs
     from .runtime import default_precision, load_predictor, pick_backend
 
     precision = precision or default_precision(run_path)
     if engine == "ray":
-        from .ray_cluster import require_ray
+        from .inference.ray_cluster import require_ray
 
         require_ray("infer --engine ray", "ray.data")
         if workers is not None:
@@ -312,7 +312,7 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
     for reason in skipped:
         click.echo(f"not using {reason}", err=True)
     if engine == "ray":
-        from .ray_infer import RayInferenceOptions, infer_on_ray
+        from .inference.ray_engine import RayInferenceOptions, infer_on_ray
 
         ray_options = RayInferenceOptions(batch_size=batch_size, top_k=top_k, actors=actors,
                                           resume=resume, fail_fast=fail_fast)
@@ -380,12 +380,12 @@ def bench(run_path, batches, backends, backbone, adapter, warmup, iters, peak_si
     """
     from rich.console import Console
 
-    from .bench import bench_run, default_results_path, render_table, write_result
+    from .bench.backends import bench_run, default_results_path, render_table, write_result
 
     sizes = _batches(batches)
     label = None
     if backbone == "vit-b16":
-        from .vit_b16 import LABEL, prepare_run
+        from .bench.vit_b16 import LABEL, prepare_run
 
         prepare_run(run_path, adapter, sizes, log=click.echo)
         label = LABEL
@@ -476,7 +476,7 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
     import importlib.util
 
     if engine == "ray":
-        from .ray_cluster import require_ray
+        from .inference.ray_cluster import require_ray
         from .runtime import default_precision
 
         require_ray("serve --engine ray", "ray.serve", "python_multipart")

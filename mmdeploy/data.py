@@ -5,10 +5,8 @@ and the list of inputs for batch inference.
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import io
-import itertools
 import json
 import os
 import pathlib
@@ -81,7 +79,7 @@ def load_labeled(source: str) -> LabeledSet:
 
 def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
     rows = [
-        (where, _resolve(manifest, row["path"]), row)
+        (where, resolve_in_manifest(manifest, row["path"]), row)
         for where, row in _manifest_rows(manifest, required=("path", "label"))
     ]
     if not rows:
@@ -168,7 +166,7 @@ def _shuffle_key(seed: int, name: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{name}".encode()).digest()
 
 
-# --------------------------------------------------------------------------- inference inputs
+# --------------------------------------------------------------------------- listing files
 
 
 @dataclass(frozen=True)
@@ -178,25 +176,6 @@ class BadEntry:
 
     name: str  # "list.csv:7" or the folder
     error: str
-
-
-Entry = Sample | BadEntry
-
-
-def list_inputs(spec: str) -> Iterator[Entry]:
-    """Inputs for batch inference: a folder (recursive), a glob, a manifest or one file.
-
-    Lazy: folders are walked and manifest lines parsed as the consumer asks for them, so a
-    million inputs are never held at once. What would stop the whole run (nothing found, a
-    manifest without a `path` column or not in UTF-8) is raised here, before anything is
-    written. Nothing is decoded: a file that is not an image becomes an error row later, and
-    so does a manifest line that names no file.
-    """
-    entries = _entries(spec)
-    first = next(entries, None)
-    if first is None:
-        raise InputError(f"no input files found in {spec}")
-    return itertools.chain([first], entries)
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -221,20 +200,7 @@ _CONTROL_ESCAPES = {
 }
 
 
-def _entries(spec: str) -> Iterator[Entry]:
-    path = pathlib.Path(spec)
-    if path.is_dir():
-        yield from _walk_entries(path)
-    elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-        yield from _manifest_entries(path)
-    elif path.is_file():
-        yield _unlabeled(spec)
-    else:  # a glob; a literal path that is a broken link or a loop matches itself
-        matches = sorted(glob.glob(spec, recursive=True))
-        yield from (_unlabeled(m) for m in matches if not os.path.isdir(m))
-
-
-def _walk_entries(root: pathlib.Path) -> Iterator[Entry]:
+def walk_entries(root: pathlib.Path) -> Iterator[Sample | BadEntry]:
     """Every non-hidden entry under `root` that is not a folder, depth first, names sorted
     within each folder (the order of `sorted()` on the paths).
 
@@ -245,7 +211,7 @@ def _walk_entries(root: pathlib.Path) -> Iterator[Entry]:
     """
     seen: set[tuple[int, int]] = set()
 
-    def walk(folder: pathlib.Path) -> Iterator[Entry]:
+    def walk(folder: pathlib.Path) -> Iterator[Sample | BadEntry]:
         try:
             info = folder.stat()
             if (info.st_dev, info.st_ino) in seen:
@@ -263,7 +229,7 @@ def _walk_entries(root: pathlib.Path) -> Iterator[Entry]:
             if _is_dir(entry):
                 yield from walk(pathlib.Path(entry.path))
             else:
-                yield _unlabeled(entry.path)
+                yield unlabeled(entry.path)
 
     yield from walk(root)
 
@@ -275,19 +241,10 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _manifest_entries(manifest: pathlib.Path) -> Iterator[Entry]:
-    """One entry per manifest line; a line that names no usable path is a `BadEntry`."""
-    for where, row in _manifest_lines(manifest, required=("path",)):
-        if isinstance(row, str):
-            yield BadEntry(display_name(where), f"{display_name(where)}: {row}")
-        else:
-            yield _unlabeled(_resolve(manifest, row["path"]))
-
-
 # --------------------------------------------------------------------------- helpers
 
 
-def _unlabeled(path: str | os.PathLike) -> Sample:
+def unlabeled(path: str | os.PathLike) -> Sample:
     return Sample(display_name(path), os.fspath(path))
 
 
@@ -298,7 +255,7 @@ def _hidden(name: str) -> bool:
 def _walk_files(root: pathlib.Path) -> list[pathlib.Path]:
     """Every regular, non-hidden file under `root`, sorted (for labelled folders)."""
     files = []
-    for entry in _walk_entries(root):
+    for entry in walk_entries(root):
         if isinstance(entry, BadEntry):
             raise InputError(entry.error)
         if os.path.isfile(entry.image):
@@ -306,7 +263,7 @@ def _walk_files(root: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _resolve(manifest: pathlib.Path, image: str) -> pathlib.Path:
+def resolve_in_manifest(manifest: pathlib.Path, image: str) -> pathlib.Path:
     """A manifest's relative paths are relative to the manifest's folder."""
     return manifest.parent / image
 
@@ -315,13 +272,13 @@ def _manifest_rows(
     path: pathlib.Path, required: tuple[str, ...]
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """Yield (`file:line`, row) with the required keys; any bad line is an error."""
-    for where, row in _manifest_lines(path, required):
+    for where, row in manifest_lines(path, required):
         if isinstance(row, str):
             raise InputError(f"{where}: {row}")
         yield where, row
 
 
-def _manifest_lines(
+def manifest_lines(
     path: pathlib.Path, required: tuple[str, ...]
 ) -> Iterator[tuple[str, dict[str, str] | str]]:
     """Yield (`file:line`, row with the required keys and, when given, `caption`), or

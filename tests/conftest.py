@@ -200,7 +200,7 @@ def _photographs(folder: Path) -> list[Path]:
 def image_dir(tmp_path_factory) -> Path:
     """Real image files: held-out images of the bundled set (PNG and JPEG, grayscale and
     colour, several sizes, one subfolder per class) plus real photographs."""
-    from mmdeploy.demo_images import write_demo_images
+    from mmdeploy.inference.demo_images import write_demo_images
 
     root = tmp_path_factory.mktemp("images")
     written = write_demo_images(root, count=15)

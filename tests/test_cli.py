@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmdeploy.inference import COLUMNS
+from mmdeploy.rows import COLUMNS
 
 COMMANDS = ["train", "export", "verify", "infer", "info", "options"]
 

@@ -13,12 +13,12 @@ from mmdeploy.data import (
     LabeledSet,
     Sample,
     demo_path,
-    list_inputs,
     load_labeled,
     make_splits,
     read_image,
 )
 from mmdeploy.errors import ConfigError, InputError
+from mmdeploy.inference.inputs import list_inputs
 
 DEMO_CLASSES = [
     "bear",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdeploy.demo_images import write_demo_images
+from mmdeploy.inference.demo_images import write_demo_images
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from mmdeploy.errors import ConfigError
-from mmdeploy.ray_cluster import PredictorSpec, RaySession
-from mmdeploy.ray_infer import ParquetRows, actor_resources
+from mmdeploy.inference.ray_cluster import PredictorSpec, RaySession
+from mmdeploy.inference.ray_engine import ParquetRows, actor_resources
 
 INSTALL = "pip install 'mm-peft-deploy[ray]'"
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .runtime.onnxruntime import CPU_PROVIDER, create_session
+from mmdeploy.runtime.onnxruntime import CPU_PROVIDER, create_session
 
 COUNTED_OPS = ("MatMul", "Gemm", "Conv")
 

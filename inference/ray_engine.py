@@ -36,12 +36,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import BadEntry, Entry, Sample
-from .errors import ConfigError
-from .images import Preprocessor
-from .inference import InferenceSummary, new_inputs, predict_rows, prepare_input, write_rows
+from mmdeploy.data import BadEntry, Sample
+from mmdeploy.errors import ConfigError
+from mmdeploy.images import Preprocessor
+from mmdeploy.rows import COLUMNS
+
+from .batch import InferenceSummary, new_inputs, predict_rows, prepare_input, write_rows
+from .inputs import Entry
 from .ray_cluster import PredictorSpec, RayOptions, RaySession, gpus_per_worker, ray_session
-from .rows import COLUMNS, RowWriter, completed_paths
+from .writers import RowWriter, completed_paths
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 

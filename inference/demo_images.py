@@ -1,7 +1,7 @@
 """Write some of the bundled set's held-out images as real files, for `infer` to read.
 
 PNG and JPEG, grayscale and colour, at several sizes: what a user's folder looks like.
-`python -m mmdeploy.demo_images OUT [--count N]`.
+`python -m mmdeploy.inference.demo_images OUT [--count N]`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import DataConfig
-from .data import load_labeled, make_splits
+from mmdeploy.config import DataConfig
+from mmdeploy.data import load_labeled, make_splits
 
 
 def write_demo_images(out: Path, count: int = 40) -> list[Path]:

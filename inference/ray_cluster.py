@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
-from .images import Preprocessor
+from mmdeploy.errors import ConfigError
+from mmdeploy.images import Preprocessor
 
 if TYPE_CHECKING:
-    from .runtime.base import Predictor
+    from mmdeploy.runtime.base import Predictor
 
 INSTALL = "pip install 'mm-peft-deploy[ray]'"
 OBJECT_STORE_MB = 768
@@ -62,7 +62,7 @@ class PredictorSpec:
     @classmethod
     def load(cls, run_path: str | os.PathLike, backend: str,
              precision: str = "fp32") -> PredictorSpec:
-        from .runtime import load_predictor
+        from mmdeploy.runtime import load_predictor
 
         predictor = load_predictor(run_path, backend, precision)
         return cls(str(predictor.run_dir.root.resolve()), predictor.backend, precision,
@@ -71,7 +71,7 @@ class PredictorSpec:
 
     def load_predictor(self, threads: int | None = None) -> Predictor:
         """The worker's own predictor (`threads`: see `runtime.load_predictor`)."""
-        from .runtime import load_predictor
+        from mmdeploy.runtime import load_predictor
 
         return load_predictor(self.run_path, self.backend, self.precision, threads)
 

@@ -1,4 +1,4 @@
-"""The machine's matmul peak and a graph's FLOP count (`mmdeploy.peak`): the peak is a
+"""The machine's matmul peak and a graph's FLOP count (`mmdeploy.bench.peak`): the peak is a
 positive finite number (never a speed bound), the count is exact on a graph built by hand."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mmdeploy.peak import Peak, count_flops, matmul_graph, measure_peak
+from mmdeploy.bench.peak import Peak, count_flops, matmul_graph, measure_peak
 
 
 def test_peak_is_positive_and_finite():

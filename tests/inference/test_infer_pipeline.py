@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmdeploy.data import Sample
-from mmdeploy.inference import InferenceOptions, run_inference
+from mmdeploy.inference.batch import InferenceOptions, run_inference
 from mmdeploy.runtime import load_predictor
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import Manifest, RunDir
-from .backbone import default_cache_dir, load_backbone
-from .config import BackboneConfig, DataConfig, ExportConfig, TrainConfig
-from .errors import ConfigError
+from mmdeploy.artifacts import Manifest, RunDir
+from mmdeploy.backbone import default_cache_dir, load_backbone
+from mmdeploy.config import BackboneConfig, DataConfig, ExportConfig, TrainConfig
+from mmdeploy.errors import ConfigError
 
 IMAGE_SIZE = 224
 LABEL = "vit-b16"
@@ -78,9 +78,9 @@ def prepare_run(out: Path, adapter: str, batches: list[int],
     mean nothing, so the gate's figures are recorded (and shown by the bench, with these
     bounds) while no MatMul moves back to FP32: the INT8 cost is what the bench measures.
     """
-    from .exporters.export import export_run
-    from .runs import load_run_config
-    from .trainers.run import new_run, run_training
+    from mmdeploy.exporters.export import export_run
+    from mmdeploy.runs import load_run_config
+    from mmdeploy.trainers.run import new_run, run_training
 
     run_dir = RunDir(out)
     spec = str(checkpoint_dir())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdeploy.demo_images import write_demo_images
+from mmdeploy.inference.demo_images import write_demo_images
 
 IMAGES = 250
 BROKEN = ["bear/000-broken.png", "dog/050-broken.jpg", "zebra/999-broken.png"]

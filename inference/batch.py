@@ -1,5 +1,5 @@
 """Batch inference over files: a bounded, ordered pipeline from the input listing to the rows
-file (`rows.py`).
+file (`writers`).
 
     inputs (listed lazily) -> decode + preprocess in worker threads, at most `depth` images
     in flight -> taken back in input order -> batches predicted on this thread -> rows
@@ -29,11 +29,14 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from .data import BadEntry, Entry, read_image
-from .errors import InputError
-from .images import Preprocessor
-from .rows import COLUMNS, RowWriter, completed_paths, error_row, prediction_row
-from .runtime.base import Predictor
+from mmdeploy.data import BadEntry, read_image
+from mmdeploy.errors import InputError
+from mmdeploy.images import Preprocessor
+from mmdeploy.rows import COLUMNS, error_row, prediction_row
+from mmdeploy.runtime.base import Predictor
+
+from .inputs import Entry
+from .writers import RowWriter, completed_paths
 
 __all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
            "new_inputs", "predict_rows", "prepare_input", "run_inference", "write_rows"]

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from mmdeploy.artifacts import Manifest
-from mmdeploy.bench import bench_run, render_table, summary_lines, write_result
+from mmdeploy.bench.backends import bench_run, render_table, summary_lines, write_result
 
 BACKENDS = ["eager", "onnxruntime", "aoti"]
 TIMING_KEYS = {"median_ms", "p90_ms", "images_per_s", "peak_rss_mb", "cuda_peak_mb"}

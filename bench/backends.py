@@ -25,7 +25,7 @@ overhead" would compare two differently quantized models. Its speed-up over the 
 onnxruntime row is reported instead.
 
 How close to the hardware: in the same run the bench measures ONNX Runtime's FP32 MatMul
-and INT8 MatMulInteger throughput on this machine (`peak.py`), counts the model's FLOPs
+and INT8 MatMulInteger throughput on this machine (`peak`), counts the model's FLOPs
 from its exported FP32 graph, and gives each row's achieved GFLOP/s (FLOPs per image x
 images/s) and its share of the matching peak: FP32 rows against the FP32 peak, the INT8
 row against the INT8 peak, on the peak's device only (FP16 rows have none).
@@ -48,11 +48,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import Manifest, RunDir, atomic_write_json, installed_versions
-from .backbone import load_backbone
-from .errors import ConfigError, MmdeployError
-from .peak import FlopCount, Peak, count_flops, measure_peak
-from .runs import RunConfig, load_model, load_run_config
+from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
+from mmdeploy.backbone import load_backbone
+from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
+from mmdeploy.errors import ConfigError, MmdeployError
+from mmdeploy.runs import RunConfig, load_model, load_run_config
 
 Outputs = dict[str, np.ndarray]
 # Eager is the reference and always runs; the others run where available.
@@ -207,7 +207,7 @@ def _eager_runners(deploy: nn.Module, wanted: set[str], skipped: dict) -> list[R
 
 def _export_runner(run_dir: RunDir, backend: str) -> Runner:
     """The run's verified export on `backend`, through its runtime predictor."""
-    from .runtime import load_predictor, pick_backend
+    from mmdeploy.runtime import load_predictor, pick_backend
 
     pick_backend(run_dir.root, backend)  # raises with the reason when it cannot run here
     predictor = load_predictor(run_dir.root, backend)
@@ -217,7 +217,7 @@ def _export_runner(run_dir: RunDir, backend: str) -> Runner:
 def _int8_runner(run_dir: RunDir) -> tuple[Runner, dict]:
     """The run's CPU INT8 graph through the predictor that serves it (the FP32 row's class
     and settings, with precision "int8": gate passed, sha256 checked), and its record."""
-    from .runtime.onnxruntime import OnnxRuntimePredictor
+    from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 
     predictor = OnnxRuntimePredictor(run_dir.root, precision="int8")
     info = Manifest.load(run_dir.manifest_path).extra["int8"]
@@ -228,9 +228,9 @@ def _backbone_runner(frozen: nn.Module, backend: str, precision: str,
                      batch_range: tuple[int, int, int], workdir: Path) -> Runner:
     """The frozen backbone exported to `backend` the way the run's model was (TensorRT
     builds from the same ONNX file onnxruntime runs)."""
-    from .exporters.aoti import compile_aoti
-    from .exporters.onnx import export_onnx
-    from .runtime.onnxruntime import OnnxSession
+    from mmdeploy.exporters.aoti import compile_aoti
+    from mmdeploy.exporters.onnx import export_onnx
+    from mmdeploy.runtime.onnxruntime import OnnxSession
 
     low, opt, high = batch_range
     image_size = frozen.backbone.preprocessor.image_size
@@ -241,14 +241,14 @@ def _backbone_runner(frozen: nn.Module, backend: str, precision: str,
         session = OnnxSession(onnx_path)
         return Runner(backend, "cuda" if session.on_gpu else "cpu", precision, session)
     if backend == "aoti":
-        from .runtime.aoti import AotiPackage
+        from mmdeploy.runtime.aoti import AotiPackage
 
         device = _device()
         compile_aoti(frozen, workdir / "model.pt2", image_size, low, high, device, precision)
         return Runner(backend, device, precision,
                       AotiPackage(workdir / "model.pt2", device, precision))
-    from .exporters.tensorrt import build_engine
-    from .runtime.tensorrt import Profile, load_engine
+    from mmdeploy.exporters.tensorrt import build_engine
+    from mmdeploy.runtime.tensorrt import Profile, load_engine
 
     profile = Profile.for_batches(low, opt, high, image_size)
     engine, sidecar, _ = build_engine(onnx_path, workdir, profile, precision, log=lambda _: None)
@@ -331,7 +331,7 @@ def bench_run(run_path: str | Path, batches: list[int], backends: list[str] | No
 
 def _model_flops(run_dir: RunDir) -> FlopCount | None:
     """The MatMul/Gemm/Conv FLOPs per image of the run's exported FP32 graph, if it has one."""
-    from .runtime.onnxruntime import ONNX_FILE
+    from mmdeploy.runtime.onnxruntime import ONNX_FILE
 
     path = run_dir.export_dir / ONNX_FILE
     return count_flops(path) if path.is_file() else None
@@ -357,7 +357,7 @@ def _int8_speedups(rows: list[Row]) -> dict[str, float]:
 
 def _frozen_backbone(run: RunConfig) -> nn.Module:
     """The backbone alone with the zero-shot head, in its deploy form (no text tower)."""
-    from .models.baselines.model import ZeroShotModel
+    from mmdeploy.models.baselines.model import ZeroShotModel
 
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     model = ZeroShotModel(backbone, ZeroShotModel.config_class(), run.class_names,

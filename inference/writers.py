@@ -1,0 +1,91 @@
+"""The rows file of batch inference: appending rows, reading them back.
+
+One JSON object per line (`.jsonl`) or one CSV record (`.csv`, `topk` as JSON text), each
+row one physical line (`rows`). So a process killed mid-write can only leave a torn *last*
+line, and `completed_paths` cuts exactly that off before `--resume` appends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from mmdeploy.errors import InputError
+from mmdeploy.rows import COLUMNS
+
+
+class RowWriter:
+    """Appends rows to a JSONL or CSV file (the format follows the extension), flushed after
+    every `write` so that a killed run loses at most the batch it was writing."""
+
+    def __init__(self, path: Path, append: bool):
+        self.path = path
+        self.csv = path.suffix.lower() == ".csv"
+        fresh = not append or not path.exists() or path.stat().st_size == 0
+        self.handle = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._csv_writer = csv.DictWriter(self.handle, COLUMNS, lineterminator="\n")
+        if self.csv and fresh:
+            self._csv_writer.writeheader()
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            if self.csv:
+                self._csv_writer.writerow({**row, "topk": json.dumps(row["topk"])})
+            else:
+                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def completed_paths(path: Path) -> set[str]:
+    """Paths of the complete rows in `path`; a torn last line (a kill mid-write) is cut off.
+
+    Streams the file, so resuming a million-row output does not hold its text in memory.
+    A line that is not a row of ours is an error naming the line: appending to someone
+    else's file would mix two formats.
+    """
+    if not path.exists():
+        return set()
+    paths: set[str] = set()
+    is_csv = path.suffix.lower() == ".csv"
+    complete = 0
+    with open(path, "r+b") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                break
+            complete += len(line)
+            if is_csv and number == 1:
+                _check_header(path, line)
+            else:
+                paths.add(_row_path(path, number, line, is_csv))
+        if complete < handle.seek(0, 2):
+            handle.truncate(complete)
+    return paths
+
+
+def _check_header(path: Path, line: bytes) -> None:
+    if line.rstrip(b"\r\n").decode("utf-8", "replace") != ",".join(COLUMNS):
+        raise InputError(f"{path}:1: not a header written by `mmdeploy infer` (expected "
+                         f"{','.join(COLUMNS)}); pass --overwrite to start again")
+
+
+def _row_path(path: Path, number: int, line: bytes, is_csv: bool) -> str:
+    try:
+        text = line.decode("utf-8")
+        row = next(csv.reader([text])) if is_csv else json.loads(text)
+        value = row[0] if is_csv else row["path"]
+        if not isinstance(value, str) or not value:
+            raise ValueError("no path")
+        return value
+    except (ValueError, KeyError, IndexError, TypeError, csv.Error, StopIteration):
+        raise InputError(f"{path}:{number}: not a row written by `mmdeploy infer`; pass "
+                         "--overwrite to start again") from None
