@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,9 +42,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..inference.ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
 from ..runtime import pick_backend
+from .listen import bind
 from .service import Classifier, ServeLimits
 from .uploads import UploadRefused, read_uploads
 
@@ -122,7 +122,7 @@ class ClassifierDeployment:
         """(probs, labels) for each request's pixels, from one model call over all of them
         (in chunks the export's batch range allows), in a thread: the replica keeps taking
         requests meanwhile."""
-        probs, labels = await asyncio.to_thread(self.classifier.predict,
+        probs, labels = await asyncio.to_thread(self.classifier.predictor.predict_pixels,
                                                  np.concatenate(requests))
         bounds = np.cumsum([len(pixels) for pixels in requests])[:-1]
         return list(zip(np.split(probs, bounds), np.split(labels, bounds), strict=True))
@@ -173,16 +173,10 @@ def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RaySe
 
 
 def _check_port(host: str, port: int) -> int:
-    """The port Serve will listen on, checked free first so that a busy port or a bad host
-    is one clear error before Ray starts; 0 picks a free one. (Serve binds it a moment
-    later: another program could take it in between.)"""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.create_server((host, port), family=family) as probe:
-            return probe.getsockname()[1]
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"cannot listen on {host}:{port} ({reason})") from None
+    """The port Serve will listen on, checked free first (`bind`); 0 picks a free one. (Serve
+    binds it a moment later: another program could take it in between.)"""
+    with bind(host, port) as probe:
+        return probe.getsockname()[1]
 
 
 def _wait_for_stop() -> None:

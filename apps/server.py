@@ -25,7 +25,6 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import ConfigError
 from .examples import examples_or_reason
 from .service import Classifier, ServeLimits
 from .ui import build_ui
@@ -171,19 +170,9 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, so that a busy port or a bad host is one clear error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"cannot listen on {host}:{port} ({reason})") from None
-
-
 def serve(classifier: Classifier, config: ServeConfig, listener: socket.socket,
           on_ready: Callable[[str], None]) -> None:
-    """Serve on `listener` (from `bind`) until SIGINT or SIGTERM, then shut down cleanly and
+    """Serve on `listener` (from `listen.bind`) until SIGINT or SIGTERM, then shut down cleanly and
     return.
 
     uvicorn catches both signals, drains, and re-raises the signal to the handler that was

@@ -211,13 +211,6 @@ class Classifier:
         decoded.pixels = np.concatenate(pixels)
         return decoded
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, labels) for preprocessed pixels, in chunks the export's batch range allows."""
-        chunk = self.predictor.batch_range[1] or len(pixels)
-        parts = [self.predictor.predict_pixels(pixels[start:start + chunk])
-                 for start in range(0, len(pixels), chunk)]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
-
     def fill_rows(self, decoded: Decoded, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
         """The request's rows: each decoded upload's prediction row in its place."""
         rows = list(decoded.rows)
@@ -237,7 +230,7 @@ class Classifier:
         decoded = self.decode([(display_name(name), path) for name, path in uploads],
                               thumbnails=True)
         decode_done = time.perf_counter()
-        rows = self.fill_rows(decoded, *self.predict(decoded.pixels))
+        rows = self.fill_rows(decoded, *self.predictor.predict_pixels(decoded.pixels))
         model_done = time.perf_counter()
         thumbnails = [(image, _caption(rows[position]))
                       for position, image in zip(decoded.positions, decoded.thumbnails,

@@ -77,8 +77,7 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     started = time.perf_counter()
     summary = InferenceSummary()
     done = completed_paths(output) if options.resume else set()
-    high = predictor.batch_range[1]
-    batch_size = min(options.batch_size, high) if high else options.batch_size
+    batch_size = options.batch_size  # the predictor cuts it to its export's batch range
     prepare = partial(prepare_input, predictor.preprocessor)
     todo = new_inputs(inputs, done, summary)
     prepared = _in_order(prepare, todo, options.workers, depth=2 * batch_size)

@@ -56,7 +56,6 @@ class PredictorSpec:
     precision: str
     description: str
     device: str
-    batch_max: int | None
     preprocessor: Preprocessor
 
     @classmethod
@@ -67,7 +66,7 @@ class PredictorSpec:
         predictor = load_predictor(run_path, backend, precision)
         return cls(str(predictor.run_dir.root.resolve()), predictor.backend, precision,
                    f"{predictor.describe()}, precision {precision}", predictor.device,
-                   predictor.batch_range[1], predictor.preprocessor)
+                   predictor.preprocessor)
 
     def load_predictor(self, threads: int | None = None) -> Predictor:
         """The worker's own predictor (`threads`: see `runtime.load_predictor`)."""

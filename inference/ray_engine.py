@@ -161,17 +161,16 @@ def _stream(todo: list[dict], spec: PredictorSpec, options: RayInferenceOptions,
     import ray.data
 
     size, cpus, gpus, threads = actor_resources(spec, session, options.actors)
-    batch_size = min(options.batch_size, spec.batch_max or options.batch_size)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts rows written, not blocks
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "disabled"
     dataset = (
-        ray.data.from_items(todo, override_num_blocks=-(-len(todo) // batch_size))
-        .map_batches(decode_batch, batch_size=batch_size, batch_format="numpy",
+        ray.data.from_items(todo, override_num_blocks=-(-len(todo) // options.batch_size))
+        .map_batches(decode_batch, batch_size=options.batch_size, batch_format="numpy",
                      fn_kwargs={"preprocessor": spec.preprocessor})
-        .map_batches(PredictorActor, batch_size=batch_size, batch_format="numpy",
+        .map_batches(PredictorActor, batch_size=options.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"spec": spec, "top_k": options.top_k,
                                             "threads": threads},
                      compute=ray.data.ActorPoolStrategy(size=size), num_cpus=cpus,

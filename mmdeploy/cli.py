@@ -501,9 +501,10 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
     if importlib.util.find_spec("gradio") is None:  # the `ui` extra
         raise ConfigError("serve needs gradio: pip install 'mm-peft-deploy[ui]'")
     from .apps import server
+    from .apps.listen import bind
     from .apps.service import Classifier, ServeLimits
 
-    listener = server.bind(host, port)  # a busy port fails before the model loads
+    listener = bind(host, port)  # a busy port fails before the model loads
     limits = ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20)
     classifier = Classifier(run_path, backend, limits, precision)
     for reason in classifier.skipped:

@@ -41,16 +41,18 @@ class Predictor(ABC):
         """Exported outputs for preprocessed pixels."""
 
     def check_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Refuse a tensor this predictor cannot take, naming what it expected."""
+        """Refuse a tensor this predictor cannot take, naming what it expected: a wrong
+        shape, or fewer images than the export's smallest batch (a larger batch is cut into
+        chunks by `predict_pixels`)."""
         height, width = self.preprocessor.image_size
         expected = (3, height, width)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                              f"[batch, {', '.join(map(str, expected))}]")
         low, high = self.batch_range
-        batch = pixel_values.shape[0]
-        if batch < low or (high is not None and batch > high):
-            raise InputError(f"batch {batch} is outside the export's range {low}..{high}")
+        if pixel_values.shape[0] < low:
+            raise InputError(f"batch {pixel_values.shape[0]} is outside the export's range "
+                             f"{low}..{high}")
         return np.ascontiguousarray(pixel_values, dtype=np.float32)
 
     def predict(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,10 +60,24 @@ class Predictor(ABC):
         return self.predict_pixels(self.preprocessor(images))
 
     def predict_pixels(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`predict` on pixels already preprocessed (batch inference does that in threads)."""
-        logits = self.run_pixels(self.check_pixels(pixel_values))["logits"]
+        """`predict` on pixels already preprocessed (batch inference does that in threads),
+        in chunks of at most the export's largest batch."""
+        pixel_values = self.check_pixels(pixel_values)
+        chunk = self.batch_range[1] or len(pixel_values)
+        logits = np.concatenate([self._logits(pixel_values[start:start + chunk])
+                                 for start in range(0, len(pixel_values), chunk)])
         probs = _softmax(logits)
         return probs, probs.argmax(-1)
+
+    def _logits(self, chunk: np.ndarray) -> np.ndarray:
+        """Logits for one chunk; a last chunk smaller than the export's smallest batch is
+        padded with copies of its last image, whose rows are dropped (rows are independent
+        of each other: parity holds at every batch size)."""
+        missing = self.batch_range[0] - len(chunk)
+        if missing > 0:
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
+            return self.run_pixels(padded)["logits"][:len(chunk)]
+        return self.run_pixels(chunk)["logits"]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def test_refused_before_ray_starts(cli, expect_error, tiny_run, image_dir, tmp_p
 
 
 def spec(device: str) -> PredictorSpec:
-    return PredictorSpec("run", "onnxruntime", "fp32", "onnxruntime", device, None, None)
+    return PredictorSpec("run", "onnxruntime", "fp32", "onnxruntime", device, None)
 
 
 @pytest.mark.parametrize(("cpus", "nodes", "actors", "expected"), [
