@@ -19,14 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
 from safetensors import SafetensorError
 
 from .config import ConfigBase
 from .errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PathLike = str | os.PathLike[str]
 
@@ -120,6 +121,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- safetensors
+# torch is imported where tensors are saved or loaded, not with the module: reading
+# manifests and checking hashes (batch inference's decode workers, Ray's tasks) needs none.
 
 
 def save_safetensors(
@@ -127,11 +130,15 @@ def save_safetensors(
 ) -> None:
     """Write tensors atomically. Each tensor is copied to its own contiguous CPU storage,
     so views and tensors sharing memory save as plain independent arrays."""
+    import safetensors.torch
+
     standalone = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     atomic_write_bytes(path, safetensors.torch.save(standalone, metadata=metadata))
 
 
 def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
     _read_safetensors_header(path)
     try:
         return safetensors.torch.load_file(path)

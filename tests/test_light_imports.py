@@ -1,0 +1,27 @@
+"""Listing inputs, decoding and preprocessing images, reading manifests and checking
+artifact hashes import no torch: batch inference's decode workers (Ray's tasks among them)
+start without paying for it. Only predictors and training import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+LIGHT_MODULES = ["mmdeploy.inference.inputs", "mmdeploy.inference.writers", "mmdeploy.data",
+                 "mmdeploy.images", "mmdeploy.artifacts", "mmdeploy.rows"]
+
+
+def test_input_decode_and_manifest_modules_import_no_torch():
+    code = (f"import sys\nfor name in {LIGHT_MODULES!r}:\n    __import__(name)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_check_sees_torch_when_it_is_imported():
+    """The same check on a module that does import torch, so the test above can fail."""
+    code = "import sys\nimport mmdeploy.backbone\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == "True"
