@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..data import load_labeled, make_splits, read_image
+from ..data import read_image
 from ..errors import MmdeployError
 from ..runs import RunConfig
 
@@ -18,9 +18,7 @@ from ..runs import RunConfig
 def write_examples(run: RunConfig, out: Path, count: int = 6) -> list[Path]:
     """Write up to `count` test-split images of distinct classes to `out`; raises
     `MmdeployError` when the run's data is not readable here (e.g. a folder since moved)."""
-    data = run.data
-    splits = make_splits(load_labeled(data.source), data.shots, data.val_per_class,
-                         data.test_per_class, data.split_seed)
+    splits = run.splits()
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     seen: set[int] = set()

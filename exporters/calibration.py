@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from mmdeploy.data import load_labeled, make_splits, read_image
+from mmdeploy.data import read_image
 from mmdeploy.errors import ArtifactError, ConfigError, InputError, MmdeployError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig
@@ -58,12 +58,10 @@ class PixelReader(CalibrationDataReader):
 
 def training_samples(run: RunConfig):
     """The run's training split, as it was drawn for training."""
-    d = run.data
     try:
-        return make_splits(load_labeled(d.source), d.shots, d.val_per_class, d.test_per_class,
-                           d.split_seed).train
+        return run.splits().train
     except MmdeployError as exc:
-        raise ArtifactError(f"calibration needs the run's training images ({d.source}): "
+        raise ArtifactError(f"calibration needs the run's training images ({run.data.source}): "
                             f"{exc}") from None
 
 

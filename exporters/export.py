@@ -19,16 +19,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import ExportConfig
-from mmdeploy.data import load_labeled, make_splits, read_image
-from mmdeploy.errors import ArtifactError, ConfigError, MmdeployError
-from mmdeploy.images import Preprocessor
+from mmdeploy.errors import ArtifactError, ConfigError
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
@@ -36,54 +32,10 @@ from .calibration import PixelReader, calibration_reader
 from .formats import FORMATS, ExportJob, plan_formats
 from .gate import GateBounds, GateReport, candidate_logits, gate_check, gate_data, measure
 from .int8 import Quantizer, quantize_gated
-from .parity import ParityReport, evaluate
+from .parity import parity_batches, parity_inputs, run_parity
 
 _VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
               "onnxruntime-gpu", "tensorrt")
-
-
-def parity_batches(config: ExportConfig) -> list[int]:
-    """Batch 1, an odd batch, and the largest of the profile."""
-    odd = min(7, config.batch_max) | 1
-    return sorted({config.batch_min, odd, config.batch_max})
-
-
-def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int],
-                  seed: int) -> list[tuple[str, torch.Tensor]]:
-    """Fresh random pixels and real images (the run's validation split) at each batch size."""
-    generator = torch.Generator().manual_seed(seed)
-    height, width = preprocessor.image_size
-    largest = max(batches)
-    real = preprocessor([read_image(s) for s in real_samples(run, largest)])
-    cases = []
-    for batch in batches:
-        cases.append(("random", torch.randn(batch, 3, height, width, generator=generator)))
-        cases.append(("real", torch.from_numpy(np.resize(real, (batch, *real.shape[1:])))))
-    return cases
-
-
-def real_samples(run: RunConfig, count: int):
-    """Held-out images of the run's data, spread over its classes (splits are class-major);
-    the bundled set, real images too, when the training data is no longer there."""
-    d = run.data
-    try:
-        splits = make_splits(load_labeled(d.source), d.shots, d.val_per_class,
-                             d.test_per_class, d.split_seed)
-        pool = splits.val + splits.test
-    except MmdeployError:
-        pool = load_labeled("demo").samples
-    return pool[:: max(1, len(pool) // count)][:count]
-
-
-def run_parity(backend: str, precision: str, reference, candidate: Callable,
-               cases: list[tuple[str, torch.Tensor]]) -> ParityReport:
-    checks = []
-    with torch.inference_mode():
-        for kind, pixels in tqdm(cases, desc=f"parity {backend}", unit="case", leave=False):
-            logits, embeddings = reference(pixels)
-            expected = {"logits": logits.numpy(), "embeddings": embeddings.numpy()}
-            checks.append((kind, len(pixels), expected, candidate(pixels.numpy())))
-    return evaluate(backend, precision, checks)
 
 
 def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportConfig,
@@ -237,7 +189,7 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     if isinstance(report, GateReport):
         job.log(f"{built.backend} int8 passed the accuracy gate: {report.summary()}")
     else:
-        job.log(f"{built.backend} parity passed ({job.precision}): {_summary(report)}")
+        job.log(f"{built.backend} parity passed ({job.precision}): {report.summary()}")
 
 
 def _form_gap(reference, deploy, cases) -> float:
@@ -264,10 +216,4 @@ def _keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> 
     for path in sorted(staging.iterdir()):
         os.replace(path, export_dir / f"{path.name}.failed")
     atomic_write_json(export_dir / f"{primary}.failed.json", report)
-
-
-def _summary(report: ParityReport) -> str:
-    worst = report.worst
-    return ", ".join(f"{k} {v:.3g}" for k, v in worst.items() if v is not None)
-
 

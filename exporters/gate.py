@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdeploy.data import Sample, load_labeled, make_splits, read_image
+from mmdeploy.data import Sample, read_image
 from mmdeploy.errors import MmdeployError, ParityError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig
@@ -119,17 +119,13 @@ class GateReport:
 def gate_samples(run: RunConfig) -> tuple[list[Sample], int]:
     """The gate's images and how many of them (the first ones) are labelled validation
     images; parity's real held-out images follow, unlabelled for the accuracy figures."""
-    from .export import real_samples
-
-    d = run.data
     try:
-        val = make_splits(load_labeled(d.source), d.shots, d.val_per_class,
-                          d.test_per_class, d.split_seed).val
+        val = run.splits().val
     except MmdeployError:
         val = []  # the training data is gone: agreement on the bundled real images only
     val = val[:: max(1, -(-len(val) // MAX_IMAGES))]
     names = {s.name for s in val}
-    extra = [s for s in real_samples(run, REAL_IMAGES) if s.name not in names]
+    extra = [s for s in run.held_out_samples(REAL_IMAGES) if s.name not in names]
     return val + extra, len(val)
 
 

@@ -9,18 +9,26 @@
 
 Figures are measured on every output (logits and embeddings); top-1 agreement on the logits.
 Non-finite values count as the worst possible figure (max abs inf, cosine -inf), so a NaN
-never passes.
+never passes. The cases (`parity_inputs`) are fresh random pixels and real held-out images
+at batch 1, an odd batch and the largest of the profile (`parity_batches`); `export` and
+`verify` both check through `run_parity`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from mmdeploy.config import ExportConfig
+from mmdeploy.data import read_image
 from mmdeploy.errors import ConfigError, ParityError
+from mmdeploy.images import Preprocessor
+from mmdeploy.runs import RunConfig
 
 Outputs = Mapping[str, np.ndarray]
 Case = tuple[str, int, Outputs, Outputs]
@@ -193,6 +201,10 @@ class ParityReport:
             "top1_agreement": min(top1, default=None),
         }
 
+    def summary(self) -> str:
+        """The worst figures as one line, e.g. "max_abs 3.1e-06, top1_agreement 1"."""
+        return ", ".join(f"{k} {v:.3g}" for k, v in self.worst.items() if v is not None)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able; `passed` and `worst` are included for readers and ignored on load."""
         return {
@@ -250,3 +262,37 @@ def evaluate(
         passed = not criterion.violations(metrics)
         report.checks.append(ParityCheck(inputs, batch, metrics, passed))
     return report
+
+
+# ---------------------------------------------------------------------------- running parity
+
+
+def parity_batches(config: ExportConfig) -> list[int]:
+    """Batch 1, an odd batch, and the largest of the profile."""
+    odd = min(7, config.batch_max) | 1
+    return sorted({config.batch_min, odd, config.batch_max})
+
+
+def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int],
+                  seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Fresh random pixels and real images (the run's held-out images) at each batch size."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = preprocessor.image_size
+    real = preprocessor([read_image(s) for s in run.held_out_samples(max(batches))])
+    cases = []
+    for batch in batches:
+        cases.append(("random", torch.randn(batch, 3, height, width, generator=generator)))
+        cases.append(("real", torch.from_numpy(np.resize(real, (batch, *real.shape[1:])))))
+    return cases
+
+
+def run_parity(backend: str, precision: str, reference: Callable, candidate: Callable,
+               cases: list[tuple[str, torch.Tensor]]) -> ParityReport:
+    """`candidate` (pixels -> outputs by name) against the PyTorch `reference` on `cases`."""
+    checks = []
+    with torch.inference_mode():
+        for kind, pixels in tqdm(cases, desc=f"parity {backend}", unit="case", leave=False):
+            logits, embeddings = reference(pixels)
+            expected = {"logits": logits.numpy(), "embeddings": embeddings.numpy()}
+            checks.append((kind, len(pixels), expected, candidate(pixels.numpy())))
+    return evaluate(backend, precision, checks)

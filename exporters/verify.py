@@ -13,9 +13,8 @@ from mmdeploy.errors import ArtifactError
 from mmdeploy.runs import RunConfig, load_model
 from mmdeploy.runtime.onnxruntime import OnnxSession
 
-from .export import parity_batches, parity_inputs, run_parity
 from .gate import GateBounds, GateReport, candidate_logits, gate_check, gate_data, measure
-from .parity import ParityReport
+from .parity import ParityReport, parity_batches, parity_inputs, run_parity
 
 
 def verify_run(run_path: str | Path,
@@ -48,7 +47,7 @@ def verify_run(run_path: str | Path,
         report = run_parity(backend, recorded["precision"], reference, predictor.run_pixels,
                             cases)
         status = "passed" if report.passed else "FAILED"
-        log(f"{backend} {recorded['precision']}: {status} ({_worst(report)})")
+        log(f"{backend} {recorded['precision']}: {status} ({report.summary()})")
         reports.append(report)
     if "int8" in manifest.extra:
         reports.append(verify_int8(run_dir.export_dir, manifest.extra["int8"], run, reference,
@@ -68,6 +67,3 @@ def verify_int8(export_dir: Path, record: dict, run: RunConfig, reference,
         f"({report.summary()})")
     return report
 
-
-def _worst(report: ParityReport) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in report.worst.items() if v is not None)

@@ -12,13 +12,10 @@ from pathlib import Path
 from PIL import Image
 
 from mmdeploy.config import DataConfig
-from mmdeploy.data import load_labeled, make_splits
 
 
 def write_demo_images(out: Path, count: int = 40) -> list[Path]:
-    d = DataConfig()
-    splits = make_splits(load_labeled("demo"), d.shots, d.val_per_class, d.test_per_class,
-                         d.split_seed)
+    splits = DataConfig(source="demo").splits()
     step = max(1, len(splits.test) // count)
     written = []
     for index, sample in enumerate(splits.test[::step][:count]):

@@ -11,9 +11,12 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .data import Splits
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -96,6 +99,14 @@ class DataConfig(ConfigBase):
     test_per_class: int = 50
     split_seed: int = 0
     prompt_template: str = "a photo of a {}."
+
+    def splits(self) -> Splits:
+        """The train/val/test split these settings draw from `source`: the same one for
+        training, export, the accuracy gate and the app's examples."""
+        from .data import load_labeled, make_splits  # numpy and PIL only once data is read
+
+        return make_splits(load_labeled(self.source), self.shots, self.val_per_class,
+                           self.test_per_class, self.split_seed)
 
 
 @dataclass

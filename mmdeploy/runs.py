@@ -15,7 +15,8 @@ from .artifacts import (
 )
 from .backbone import Backbone, load_backbone
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
-from .errors import ArtifactError, BackboneMismatchError, ConfigError
+from .data import DEMO, Sample, Splits, load_labeled
+from .errors import ArtifactError, BackboneMismatchError, ConfigError, MmdeployError
 from .registry import adapter_class
 
 
@@ -38,6 +39,21 @@ class RunConfig(ConfigBase):
 
     def typed_adapter_config(self) -> ConfigBase:
         return adapter_class(self.adapter).config_class.from_dict(self.adapter_config)
+
+    def splits(self) -> Splits:
+        """The split the run was trained on, drawn again from its data."""
+        return self.data.splits()
+
+    def held_out_samples(self, count: int) -> list[Sample]:
+        """`count` held-out images of the run's data (validation, then test), spread over its
+        classes (splits are class-major); the bundled set, real images too, when the
+        training data is no longer there. Parity and the INT8 gate measure on these."""
+        try:
+            splits = self.splits()
+            pool = splits.val + splits.test
+        except MmdeployError:
+            pool = load_labeled(DEMO).samples
+        return pool[:: max(1, len(pool) // count)][:count]
 
 
 def build_model(run: RunConfig, backbone: Backbone):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
 from mmdeploy.data import (
     LabeledSet,
     Sample,
@@ -19,6 +20,7 @@ from mmdeploy.data import (
 )
 from mmdeploy.errors import ConfigError, InputError
 from mmdeploy.inference.inputs import list_inputs
+from mmdeploy.runs import RunConfig
 
 DEMO_CLASSES = [
     "bear",
@@ -115,6 +117,34 @@ def test_split_refuses_small_classes_and_negative_counts(demo):
     assert (
         _input_error(make_splits, unlabeled, 0, 0, 0, 0) == "x.png: label -1 is not a class index"
     )
+
+
+def _run_on(data: DataConfig) -> RunConfig:
+    return RunConfig(adapter="linear-probe", adapter_config={}, backbone=BackboneConfig(),
+                     backbone_identity={}, data=data, train=TrainConfig(),
+                     class_names=DEMO_CLASSES)
+
+
+def test_a_run_draws_the_split_its_data_config_describes(demo):
+    data = DataConfig(shots=4, val_per_class=20, test_per_class=50, split_seed=3)
+    expected = make_splits(demo, 4, 20, 50, seed=3)
+    for splits in (data.splits(), _run_on(data).splits()):
+        for part in ("train", "val", "test"):
+            assert _names(getattr(splits, part)) == _names(getattr(expected, part))
+        assert splits.class_names == DEMO_CLASSES
+
+
+def test_held_out_samples_spread_over_val_then_test(demo):
+    data = DataConfig(shots=4, val_per_class=2, test_per_class=3)
+    splits = make_splits(demo, 4, 2, 3, seed=0)
+    held_out = _run_on(data).held_out_samples(10)
+    assert _names(held_out) == _names((splits.val + splits.test)[::5])  # 50 images, every 5th
+    assert len({s.label for s in held_out}) > 1  # class-major lists: a stride spans classes
+
+
+def test_held_out_samples_fall_back_to_the_bundled_set(demo, tmp_path):
+    gone = _run_on(DataConfig(source=str(tmp_path / "moved-away")))
+    assert _names(gone.held_out_samples(4)) == _names(demo.samples[::2500])
 
 
 # --------------------------------------------------------------------------- folders

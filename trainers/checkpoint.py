@@ -1,7 +1,8 @@
 """Training checkpoints as safetensors + JSON (never pickle), for an exact `--resume`.
 
 `checkpoint/state.safetensors` holds the adapter weights, AdamW's moments, the EWC
-reference and Fisher, and the RNG state (router noise draws from it);
+reference and Fisher, and the RNG states: the CPU generator's and, on a CUDA machine, each
+device's (HMMoE's router noise draws from the generator of the device it runs on);
 `checkpoint/state.json` holds the step and best-so-far bookkeeping. The data order is a
 function of (seed, epoch), so the step alone says where to continue.
 """
@@ -35,7 +36,7 @@ def save_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer, st
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).clone()
     if ewc is not None:
         tensors.update(ewc.state_dict())
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(_rng_states())
     save_safetensors(run_dir.checkpoint_dir / "state.safetensors", tensors)
     # state.json last: it names a step only once the tensors of that step are on disk.
     atomic_write_json(run_dir.checkpoint_dir / "state.json", state)
@@ -55,9 +56,30 @@ def load_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer,
                    if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
         if moments:
             optimizer.state[p] = moments
-    torch.set_rng_state(tensors["rng.torch"])
+    _restore_rng_states(tensors)
     ewc = EWC.from_state_dict(tensors, ewc_lambda) if ewc_lambda > 0 else None
     return state, ewc
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """`rng.torch` (CPU) and `rng.cuda.<device>` for each CUDA device, when there are any."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"rng.cuda.{index}": state
+                       for index, state in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _restore_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what `_rng_states` saved. CUDA states go to the devices both machines have:
+    a checkpoint from a CPU run (no CUDA states) or from a machine with another device count
+    still loads; a device the checkpoint has no state for keeps its current one."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = []
+    while f"rng.cuda.{len(cuda)}" in tensors:
+        cuda.append(tensors[f"rng.cuda.{len(cuda)}"])
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
 def truncate_metrics(run_dir: RunDir, step: int) -> None:

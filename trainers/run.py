@@ -8,7 +8,7 @@ from pathlib import Path
 from mmdeploy.artifacts import RunDir, atomic_write_json, sha256_file
 from mmdeploy.backbone import Backbone, load_backbone
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
-from mmdeploy.data import Splits, load_labeled, make_splits
+from mmdeploy.data import Splits
 from mmdeploy.registry import adapter_class
 from mmdeploy.runs import RunConfig, load_run_config
 
@@ -25,18 +25,13 @@ class PreparedRun:
     splits: Splits
 
 
-def _splits(data: DataConfig) -> Splits:
-    return make_splits(load_labeled(data.source), data.shots, data.val_per_class,
-                       data.test_per_class, data.split_seed)
-
-
 def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: BackboneConfig,
             data_config: DataConfig, train_config: TrainConfig,
             overwrite: bool = False) -> PreparedRun:
     """Check everything, then create the run directory and its `adapter_config.json`."""
     adapter_config = adapter_class(adapter).config_class.from_dict(adapter_options)
     backbone = load_backbone(backbone_config)
-    splits = _splits(data_config)  # an impossible split fails before anything is written
+    splits = data_config.splits()  # an impossible split fails before anything is written
     run_dir = RunDir(Path(out))
     run_dir.prepare_new(overwrite)
     run = RunConfig(adapter=adapter, adapter_config=adapter_config.to_dict(),
@@ -52,7 +47,7 @@ def existing_run(out: Path) -> PreparedRun:
     run_dir = RunDir(Path(out))
     run = load_run_config(run_dir)
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
-    return PreparedRun(run_dir, run, backbone, _splits(run.data))
+    return PreparedRun(run_dir, run, backbone, run.splits())
 
 
 def run_training(prepared: PreparedRun, resume: bool = False) -> TrainResult:

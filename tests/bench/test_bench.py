@@ -46,7 +46,7 @@ def test_bench_writes_results_and_a_table(cli, aoti_run, tmp_path):
             assert _positive(timing["median_ms"]) and _positive(timing["images_per_s"])
             assert timing["p90_ms"] >= timing["median_ms"]
             assert timing["cuda_peak_mb"] is None
-            assert timing["peak_rss_mb"] is None or _positive(timing["peak_rss_mb"])
+            assert _positive(timing["peak_rss_mb"])  # Linux: /proc/self/clear_refs resets it
         for ratio in ("speedup_vs_eager", "backbone_speedup_vs_eager", "adapted_over_backbone"):
             assert _positive(row[ratio]), (ratio, row)
         if row["backend"] == "eager":

@@ -1,9 +1,10 @@
 """INT8 on ONNX Runtime through the command line: `export --int8`, the gate, verify, infer.
 
-Each (adapter, method) is exported once per module on a copy of the session's run. On the
-tiny demo runs (near-chance accuracy, so many answers are near-ties) some pass the gate
-and some fail it: either way the outcome must be the measured one, reported, and a failed
-graph must be kept aside, never served.
+Each export is made once per module on a copy of the session's run. On the tiny demo runs
+(near-chance accuracy, so many answers are near-ties) the outcome of the gate is a
+measurement; the cases below were measured: HMMoE passes with either method, GA-Net
+dynamic passes once the fallback has moved 44% of its MatMul work back to FP32, and GA-Net
+static, held to the strictest bounds the command line takes, fails.
 """
 
 import json
@@ -17,21 +18,26 @@ import pytest
 from mmdeploy.apps.service import Classifier
 from mmdeploy.exporters.int8 import fp32_from_start
 
-METHODS = [("hmmoe", "dynamic"), ("hmmoe", "static"), ("ganet", "dynamic"), ("ganet", "static")]
+PASSING = [("hmmoe", "dynamic"), ("hmmoe", "static"), ("ganet", "dynamic")]
+# Every answer must be FP32's and no accuracy may be lost: GA-Net static INT8 measured 96.4%
+# agreement with the fallback at its limit (half the MatMul work in FP32), 8 images short.
+STRICTEST = ("--gate-agreement", "1", "--gate-drop", "0")
 
 
 @pytest.fixture(scope="module")
 def int8_export(tiny_run, ganet_run, tmp_path_factory, cli):
-    """`int8_export(adapter, method)` -> (run copy, CliResult of `export --int8 METHOD`)."""
+    """`int8_export(adapter, method, *options)` -> (run copy, CliResult of
+    `export --int8 METHOD OPTIONS`)."""
     done = {}
 
-    def export(adapter, method):
-        if (adapter, method) not in done:
+    def export(adapter, method, *options):
+        key = adapter, method, options
+        if key not in done:
             source = tiny_run if adapter == "hmmoe" else ganet_run
             run = Path(shutil.copytree(source, tmp_path_factory.mktemp("int8") / adapter))
             extra = ["--serve-int8"] if (adapter, method) == ("hmmoe", "dynamic") else []
-            done[adapter, method] = run, cli(["export", "--run", run, "--int8", method, *extra])
-        return done[adapter, method]
+            done[key] = run, cli(["export", "--run", run, "--int8", method, *extra, *options])
+        return done[key]
 
     return export
 
@@ -41,46 +47,58 @@ def manifest_of(run: Path) -> dict:
 
 
 def passing_run(int8_export) -> Path:
-    for key in METHODS:
-        run, result = int8_export(*key)
-        if result.code == 0:
-            return run
-    pytest.fail("no INT8 export of the demo runs passed its gate")
+    """The HMMoE run with its dynamic INT8 graph published (and served by default)."""
+    run, result = int8_export("hmmoe", "dynamic")
+    assert result.code == 0, str(result)
+    return run
 
 
-@pytest.mark.parametrize(("adapter", "method"), METHODS)
-def test_int8_export_passes_or_fails_the_gate_as_measured(int8_export, expect_error, adapter,
-                                                          method):
-    run, result = int8_export(adapter, method)
-    export_dir = run / "export"
-    manifest = manifest_of(run)
+def assert_fp32_graph_kept(manifest: dict) -> None:
     assert "int8" not in manifest["parity"]  # parity is FP32/FP16 only
     assert "model.onnx" in manifest["files"]  # the FP32 graph was re-used, still served
-    if result.code == 0:
-        record = manifest["extra"]["int8"]
-        gate = record["gate"]
-        assert gate["passed"] and gate["agreement"] >= gate["bounds"]["min_agreement"] == 0.99
-        assert gate["accuracy_drop_points"] <= gate["bounds"]["max_drop_points"] == 1.0
-        assert gate["images"] > gate["labelled"] == 200  # validation split + real held-out
-        assert record["file"] == "model.int8.onnx" and record["method"] == method
-        assert "model.int8.onnx" in manifest["files"]
-        assert not (export_dir / "model.int8.onnx.failed").exists()
-        if method == "static":  # the whole 4-shot training split (40 < 64)
-            assert record["calibration"] == {"images": 40, "method": "minmax", "seed": 0,
-                                             "split": "train"}
-        else:
-            assert record["calibration"] is None
-        assert "passed the INT8 gate" in result.stdout
+
+
+@pytest.mark.parametrize(("adapter", "method"), PASSING)
+def test_int8_export_that_passes_the_gate_is_published(int8_export, adapter, method):
+    run, result = int8_export(adapter, method)
+    assert result.code == 0, str(result)
+    manifest = manifest_of(run)
+    assert_fp32_graph_kept(manifest)
+    record = manifest["extra"]["int8"]
+    gate = record["gate"]
+    assert gate["passed"] and gate["agreement"] >= gate["bounds"]["min_agreement"] == 0.99
+    assert gate["accuracy_drop_points"] <= gate["bounds"]["max_drop_points"] == 1.0
+    assert gate["images"] > gate["labelled"] == 200  # validation split + real held-out
+    assert record["file"] == "model.int8.onnx" and record["method"] == method
+    assert "model.int8.onnx" in manifest["files"]
+    assert not (run / "export" / "model.int8.onnx.failed").exists()
+    if method == "static":  # the whole 4-shot training split (40 < 64)
+        assert record["calibration"] == {"images": 40, "method": "minmax", "seed": 0,
+                                         "split": "train"}
     else:
-        line = expect_error(result, "INT8 failed the accuracy gate", "kept aside as "
-                            "model.int8.onnx.failed")
-        report = json.loads((export_dir / "model.int8.onnx.failed.json").read_text())
-        assert report["gate"]["passed"] is False and report["fallback_stopped"]
-        assert f"{report['gate']['agreement']:.2%}" in line  # the figure measured, said
-        assert (export_dir / "model.int8.onnx.failed").is_file()
-        assert not (export_dir / "model.int8.onnx").exists()
-        assert "model.int8.onnx" not in manifest["files"] and "int8" not in manifest["extra"]
-    assert "FAILED the gate" in result.stdout or "passed the gate" in result.stdout
+        assert record["calibration"] is None
+    assert "passed the INT8 gate" in result.stdout and "passed the gate" in result.stdout
+
+
+def test_int8_export_that_fails_the_gate_is_kept_aside(int8_export, cli, expect_error,
+                                                      image_dir, tmp_path):
+    run, result = int8_export("ganet", "static", *STRICTEST)
+    line = expect_error(result, "INT8 failed the accuracy gate", "kept aside as "
+                        "model.int8.onnx.failed")
+    export_dir = run / "export"
+    report = json.loads((export_dir / "model.int8.onnx.failed.json").read_text())
+    assert report["gate"]["passed"] is False and report["fallback_stopped"]
+    assert report["gate"]["bounds"] == {"min_agreement": 1.0, "max_drop_points": 0.0}
+    assert f"{report['gate']['agreement']:.2%}" in line  # the figure measured, said
+    assert "FAILED the gate" in result.stdout
+    assert (export_dir / "model.int8.onnx.failed").is_file()
+    assert not (export_dir / "model.int8.onnx").exists()
+    manifest = manifest_of(run)
+    assert_fp32_graph_kept(manifest)
+    assert "model.int8.onnx" not in manifest["files"] and "int8" not in manifest["extra"]
+    out = tmp_path / "p.jsonl"
+    expect_error(cli(["infer", run, image_dir, "-o", out, "--precision", "int8"]),
+                 "no INT8 export")  # never served
 
 
 @pytest.mark.parametrize("run_fixture", ["tiny_run", "ganet_run"])
@@ -124,9 +142,7 @@ def binomial_tail(n: int, k: int, p: float) -> float:
 
 def test_serve_int8_makes_int8_the_default_and_fp32_stays_on_request(int8_export, cli,
                                                                     image_dir, tmp_path):
-    run, result = int8_export("hmmoe", "dynamic")
-    if result.code != 0:
-        pytest.skip("hmmoe dynamic INT8 failed its gate on this run")
+    run = passing_run(int8_export)
     assert manifest_of(run)["extra"]["int8"]["serve_default"] is True
     default = cli(["infer", run, image_dir / "extra", "-o", tmp_path / "a.jsonl"])
     assert default.code == 0 and "precision int8" in default.stderr, str(default)

@@ -8,7 +8,6 @@ import torch
 from mmdeploy.artifacts import RunDir, load_safetensors
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
-from mmdeploy.data import load_labeled, make_splits
 from mmdeploy.errors import MmdeployError
 from mmdeploy.runs import RunConfig
 from mmdeploy.trainers import loop
@@ -20,8 +19,7 @@ def setup(tmp_path):
         backbone_config = BackboneConfig(cache_dir=str(tmp_path / "cache"))
         backbone = load_backbone(backbone_config)
         data = DataConfig(shots=2, val_per_class=3, test_per_class=3)
-        splits = make_splits(load_labeled("demo"), data.shots, data.val_per_class,
-                             data.test_per_class, data.split_seed)
+        splits = data.splits()
         run = RunConfig(adapter=adapter, adapter_config={}, backbone=backbone_config,
                         backbone_identity=backbone.identity, data=data,
                         train=TrainConfig(**{"epochs": 3, "batch_size": 8, **train_options}),
