@@ -15,7 +15,7 @@ loaded) and, on CUDA, torch's peak allocation (which does not see onnxruntime's 
 TensorRT's own allocators).
 
 INT8: when the run's export has a CPU INT8 graph that passed its gate
-(`manifest.extra["int8"]`), `onnxruntime-int8` times it exactly like the FP32 `onnxruntime`
+(the manifest's "int8" export), `onnxruntime-int8` times it exactly like the FP32 `onnxruntime`
 row (the same predictor class and session settings, the same `measure`), and the
 accuracy gate's figures recorded at export (agreement, accuracy drop, cosine, nodes kept
 FP32, method) are shown beside its speed. Its backbone-alone comparison is skipped: the
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
+from mmdeploy.artifacts import RunDir, atomic_write_json, installed_versions
 from mmdeploy.backbone import load_backbone
 from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.errors import ConfigError, MmdeployError
@@ -112,7 +112,7 @@ class BenchResult:
     backbone_export_max_abs: dict[str, float] = field(default_factory=dict)
     peak: Peak | None = None
     model_flops: FlopCount | None = None
-    int8: dict | None = None  # manifest.extra["int8"] plus the speed-up over FP32 ORT
+    int8: dict | None = None  # the INT8 export's file, gate, details; speed-up over FP32 ORT
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +220,8 @@ def _int8_runner(run_dir: RunDir) -> tuple[Runner, dict]:
     from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 
     predictor = OnnxRuntimePredictor(run_dir.root, precision="int8")
-    info = Manifest.load(run_dir.manifest_path).extra["int8"]
+    record = predictor.record
+    info = {"file": record.main_file, "gate": record.check, **record.details}
     return Runner(INT8_BACKEND, predictor.device, "int8", predictor.run_pixels), info
 
 

@@ -92,7 +92,7 @@ def prepare_run(out: Path, adapter: str, batches: list[int],
                               f"not {adapter!r} on the ViT-B/16-sized backbone; pick another "
                               "RUN directory")
         if run_dir.manifest_path.exists():
-            if "int8" in Manifest.load(run_dir.manifest_path).extra:
+            if Manifest.load(run_dir.manifest_path).record("int8") is not None:
                 return out
             formats = ()  # exported before INT8 was: quantize its verified model.onnx
     else:

@@ -55,7 +55,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mmdeploy.artifacts import Manifest, RunDir, installed_versions
+from mmdeploy.artifacts import RunDir, installed_versions
 from mmdeploy.bench.backends import (
     _VERSIONED,
     Runner,
@@ -67,7 +67,6 @@ from mmdeploy.bench.backends import (
     write_result,
 )
 from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
-from mmdeploy.errors import ArtifactError
 from mmdeploy.exporters import int8
 from mmdeploy.exporters.calibration import PixelReader, calibration_reader
 from mmdeploy.exporters.gate import GateBounds, GateData, candidate_logits, gate_data
@@ -75,6 +74,7 @@ from mmdeploy.exporters.gate import measure as gate_measure
 from mmdeploy.registry import ADAPTERS
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
+from mmdeploy.runtime.records import verified_record
 
 REPO = Path(__file__).resolve().parent.parent
 RANDOM_NOTE = ("backbone weights are random (ViT-B/16-sized bench backbone): accuracy means "
@@ -187,13 +187,8 @@ def ensure_run(path: Path, adapter: str, batches: list[int]) -> None:
 
 def verified_onnx(run_dir: RunDir) -> list[Path]:
     """The run's parity-verified FP32 graph, then any external data file (sha256 checked)."""
-    manifest = Manifest.load(run_dir.manifest_path)
-    if "onnxruntime" not in manifest.parity or ONNX_FILE not in manifest.files:
-        raise ArtifactError(f"{run_dir.export_dir}: no verified {ONNX_FILE}; run "
-                            "`mmdeploy export --format onnx` first")
-    names = [n for n in manifest.files if n.startswith(ONNX_FILE)]
-    manifest.verify_files(run_dir.export_dir, names)
-    return [run_dir.export_dir / n for n in sorted(names, key=lambda n: n != ONNX_FILE)]
+    record = verified_record(run_dir, "onnx")
+    return [run_dir.export_dir / n for n in record.files]  # the graph first
 
 
 # ---------------------------------------------------------------------------- variants

@@ -8,7 +8,10 @@ stays untouched either way.
 
 With `config.int8`, the published FP32 graph is then quantized to `model.int8.onnx`
 (`int8.py`) and held to the accuracy gate (`gate.py`) instead of parity; it is published or
-kept aside the same way, and recorded in `manifest.extra["int8"]` (never in `parity`).
+kept aside the same way, and recorded as the manifest's "int8" export.
+
+Each published export is one `ExportRecord` in the manifest, under its format's name: its
+files and hashes, backend, precision, interface, its own batch range and its check report.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
+from mmdeploy.artifacts import (
+    ExportRecord,
+    Manifest,
+    RunDir,
+    atomic_write_json,
+    installed_versions,
+)
 from mmdeploy.backbone import load_backbone
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, ConfigError
@@ -30,7 +39,7 @@ from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
 from .calibration import PixelReader, calibration_reader
 from .formats import FORMATS, ExportJob, plan_formats
-from .gate import GateBounds, GateReport, candidate_logits, gate_check, gate_data, measure
+from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
 from .int8 import Quantizer, quantize_gated
 from .parity import parity_batches, parity_inputs, run_parity
 
@@ -46,7 +55,8 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
     manifest = _existing_manifest(run_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     formats, quantize_onnx = _int8_targets(formats, config, manifest)
-    plan = plan_formats(formats, config.fp16, device, has_onnx=ONNX_FILE in manifest.files,
+    plan = plan_formats(formats, config.fp16, device,
+                        has_onnx=manifest.record("onnx") is not None,
                         int8=config.int8 is not None)
     for fmt, precision in plan:
         log(f"will export {fmt} ({precision})")
@@ -62,7 +72,6 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
         _export_formats(plan, run_dir, run, config, reference, manifest, device, log)
     if quantize_onnx:
         _export_int8(run_dir, run, reference, config, manifest, calibration, log)
-        manifest.versions = installed_versions(_VERSIONED)
         manifest.save(run_dir.manifest_path)
     return manifest
 
@@ -84,8 +93,7 @@ def _int8_targets(formats: tuple[str, ...], config: ExportConfig,
         raise ConfigError("--int8 quantizes the ONNX graph (onnx) or builds a TensorRT INT8 "
                           "engine (tensorrt): add one to --format, or leave --format out to "
                           "quantize the run's verified model.onnx")
-    verified = "onnxruntime" in manifest.parity and ONNX_FILE in manifest.files
-    return (() if verified else ("onnx",)), True
+    return (() if manifest.record("onnx") is not None else ("onnx",)), True
 
 
 def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig,
@@ -104,8 +112,7 @@ def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig
         job = ExportJob(deploy, run_dir, config, precision, device, log)
         _export_format(fmt, job, reference, cases, manifest)
         # Saved after each format: a later one failing leaves this one listed and servable.
-        manifest.extra.update({"deploy_form_max_abs": form_gap, "parity_seed": seed})
-        manifest.versions = installed_versions(_VERSIONED)
+        manifest.deploy_form_max_abs, manifest.parity_seed = form_gap, seed
         manifest.save(run_dir.manifest_path)
 
 
@@ -114,7 +121,8 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
                  log: Callable[[str], None]) -> None:
     """Quantize the published FP32 graph, gate it, then publish or keep it aside."""
     export_dir = run_dir.export_dir
-    manifest.verify_files(export_dir, [n for n in manifest.files if n.startswith(ONNX_FILE)])
+    onnx = manifest.exports["onnx"]
+    onnx.verify_files(export_dir)
     preprocessor = reference.backbone.preprocessor
     data = gate_data(run, reference, preprocessor)
     bounds = GateBounds(config.gate_agreement, config.gate_drop)
@@ -146,10 +154,15 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
         if not result.report.passed:
             _keep_aside(staging, export_dir, result.to_dict(INT8_FILE), INT8_FILE)
             result.raise_if_failed(f"{INT8_FILE}.failed")
-        _publish(staging, export_dir, manifest, [INT8_FILE])
+        record = ExportRecord(
+            backend="onnxruntime", precision="int8", batch_range=dict(onnx.batch_range),
+            check=result.report.to_dict(), inputs=onnx.inputs, outputs=onnx.outputs,
+            opset=onnx.opset, versions=installed_versions(_VERSIONED),
+            details={**result.details(), "serve_default": config.serve_int8})
+        _publish(staging, export_dir, record, [INT8_FILE])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest.extra["int8"] = {**result.to_dict(INT8_FILE), "serve_default": config.serve_int8}
+    manifest.exports["int8"] = record
     log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
         f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
         f"{result.quantize_seconds:.1f} s")
@@ -176,20 +189,31 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
         if not report.passed:
             _keep_aside(staging, export_dir, report.to_dict(), built.files[0])
             report.raise_if_failed()
-        _publish(staging, export_dir, manifest, built.files)
+        interface = built.interface or _interface(job, reference, cases)
+        record = ExportRecord(
+            backend=built.backend, precision=job.precision, device=built.device,
+            batch_range={"min": job.config.batch_min, "opt": job.config.batch_opt,
+                         "max": job.config.batch_max},
+            check=report.to_dict(), inputs=interface["inputs"], outputs=interface["outputs"],
+            opset=interface.get("opset"), versions=installed_versions(_VERSIONED),
+            details=built.details)
+        _publish(staging, export_dir, record, built.files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest.parity[built.backend] = {**report.to_dict(), "precision": job.precision}
-    manifest.extra[fmt] = built.details
-    manifest.extra["batch_range"] = {"min": job.config.batch_min, "opt": job.config.batch_opt,
-                                     "max": job.config.batch_max}
-    if built.interface:
-        manifest.inputs, manifest.outputs = built.interface["inputs"], built.interface["outputs"]
-        manifest.opset = built.interface["opset"]
-    if isinstance(report, GateReport):
-        job.log(f"{built.backend} int8 passed the accuracy gate: {report.summary()}")
-    else:
-        job.log(f"{built.backend} parity passed ({job.precision}): {report.summary()}")
+    manifest.exports[fmt] = record
+    job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
+
+
+def _interface(job: ExportJob, reference, cases) -> dict:
+    """Inputs and outputs of a compiled export, as the ONNX graph describes its own: the
+    deploy form's, with the batch as a named axis."""
+    with torch.inference_mode():
+        logits, embeddings = reference(cases[0][1][:1])
+    height, width = job.image_size
+    return {"inputs": [{"name": "pixel_values", "dtype": "float32",
+                        "shape": ["batch", 3, height, width]}],
+            "outputs": [{"name": name, "dtype": "float32", "shape": ["batch", tensor.shape[1]]}
+                        for name, tensor in (("logits", logits), ("embeddings", embeddings))]}
 
 
 def _form_gap(reference, deploy, cases) -> float:
@@ -206,10 +230,10 @@ def _existing_manifest(run_dir: RunDir) -> Manifest:
         return Manifest()  # unreadable: start afresh, the files it named are re-exported
 
 
-def _publish(staging: Path, export_dir: Path, manifest: Manifest, files: list[str]) -> None:
+def _publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:
     for name in files:
         os.replace(staging / name, export_dir / name)
-        manifest.add_file(export_dir, name)
+        record.add_file(export_dir, name)
 
 
 def _keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:

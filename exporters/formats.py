@@ -52,13 +52,16 @@ class ExportJob:
 @dataclass
 class Built:
     """What a builder made. `files` are names in the staging folder, the main file first;
-    `interface` (inputs, outputs, opset) is recorded at the manifest's top level."""
+    `interface` (inputs, outputs, opset) as read from the graph where there is one; `device`
+    the one it was compiled for (None: any); `details` the format's own facts. The export
+    record is made of these."""
 
     backend: str
     files: list[str]
     candidate: Callable[[np.ndarray], Outputs]
     details: dict
     interface: dict = field(default_factory=dict)
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def _build_aoti(job: ExportJob, staging: Path) -> Built:
     details = compile_aoti(job.deploy, path, job.image_size, job.config.batch_min,
                            job.config.batch_max, job.device, job.precision)
     job.log(f"compiled {PACKAGE_FILE} for {job.device} in {details['compile_seconds']:.1f} s")
-    return Built("aoti", [PACKAGE_FILE], AotiPackage(path, job.device, job.precision), details)
+    return Built("aoti", [PACKAGE_FILE], AotiPackage(path, job.device, job.precision), details,
+                 device=job.device)
 
 
 def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
@@ -113,7 +117,7 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
                                                 job.log)
     details.update({"engine": engine, "sidecar": sidecar, "profile": profile.to_dict()})
     return Built("tensorrt", [engine, sidecar, *extra_files],
-                 load_engine(staging, engine, sidecar), details)
+                 load_engine(staging, engine, sidecar), details, device="cuda")
 
 
 FORMATS: dict[str, Format] = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ class GateData:
 class GateReport:
     """The gate's figures for one INT8 graph, and the bounds they were held to."""
 
+    kind: ClassVar[str] = "gate"
+    title: ClassVar[str] = "the accuracy gate"
+
     agreement: float
     accuracy_fp32: float | None
     accuracy_int8: float | None
@@ -101,11 +104,11 @@ class GateReport:
                 f"{drop_text}, logit cosine min {self.cosine_min:.4f}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {"kind": self.kind, **asdict(self), "passed": self.passed}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateReport:
-        figures = {k: v for k, v in data.items() if k not in ("passed", "bounds")}
+        figures = {k: v for k, v in data.items() if k not in ("kind", "passed", "bounds")}
         return cls(**figures, bounds=GateBounds(**data.get("bounds", {})))
 
     def raise_if_failed(self, detail: str = "") -> None:

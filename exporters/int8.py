@@ -212,14 +212,18 @@ class Int8Result:
     per_channel: bool
     stopped: str | None = None  # why the fallback gave up, when the gate still fails
 
-    def to_dict(self, file: str) -> dict[str, Any]:
-        """`manifest.extra["int8"]` (and the report of a failed export)."""
-        return {"file": file, "method": self.method, "calibration": self.calibration,
+    def details(self) -> dict[str, Any]:
+        """How the graph was made: what its INT8 export record keeps beside its gate report."""
+        return {"method": self.method, "calibration": self.calibration,
                 "per_channel": self.per_channel, "kept_fp32": self.kept_fp32,
-                "excluded_from_start": self.excluded_from_start, "gate": self.report.to_dict(),
+                "excluded_from_start": self.excluded_from_start,
                 "int8_share": round(self.int8_share, 4),
                 "quantize_seconds": round(self.quantize_seconds, 3),
                 "fallback_steps": self.fallback_steps, "fallback_stopped": self.stopped}
+
+    def to_dict(self, file: str) -> dict[str, Any]:
+        """The report of an export kept aside (`<file>.failed.json`)."""
+        return {"file": file, **self.details(), "gate": self.report.to_dict()}
 
     def raise_if_failed(self, kept_aside: str) -> None:
         self.report.raise_if_failed(f"{self.report.summary()}; {len(self.kept_fp32)} MatMul(s) "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -178,8 +178,29 @@ class ParityCheck:
         return f"{self.inputs} inputs, batch {self.batch}"
 
 
+class CheckReport(Protocol):
+    """What every export's check reports, parity or the INT8 gate (`gate.GateReport`):
+    whether it passed, on which backend, its figures in one line, and its record in the
+    manifest (`to_dict`, which names its `kind`)."""
+
+    kind: ClassVar[str]
+    title: ClassVar[str]  # how a log line names it: "parity", "the accuracy gate"
+    backend: str
+
+    @property
+    def passed(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def raise_if_failed(self) -> None: ...
+
+
 @dataclass
 class ParityReport:
+    kind: ClassVar[str] = "parity"
+    title: ClassVar[str] = "parity"
     backend: str
     precision: str
     criterion: Criterion
@@ -206,8 +227,10 @@ class ParityReport:
         return ", ".join(f"{k} {v:.3g}" for k, v in self.worst.items() if v is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able; `passed` and `worst` are included for readers and ignored on load."""
+        """JSON-able; `kind`, `passed` and `worst` are included for readers and ignored on
+        load."""
         return {
+            "kind": self.kind,
             "backend": self.backend,
             "precision": self.precision,
             "criterion": asdict(self.criterion),

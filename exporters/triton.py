@@ -31,6 +31,7 @@ from pathlib import Path
 import onnx
 
 from mmdeploy.artifacts import (
+    ExportRecord,
     Manifest,
     RunDir,
     atomic_write_json,
@@ -41,7 +42,7 @@ from mmdeploy.artifacts import (
 from mmdeploy.errors import ArtifactError, ConfigError
 from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.onnxruntime import ONNX_FILE
-from mmdeploy.runtime.tensorrt import EngineSidecar, recorded_engine
+from mmdeploy.runtime.tensorrt import EngineSidecar
 
 EXTRA = "pip install 'mm-peft-deploy[triton]'"
 CONFIG_FILE = "config.pbtxt"
@@ -121,6 +122,7 @@ class ModelSpec:
     batch_opt: int
     batch_max: int
     instance_kind: str  # KIND_AUTO (GPU when the server has one) or KIND_GPU
+    source: str  # the run's export record the files come from ("onnx", "tensorrt")
 
 
 def build_config(spec: ModelSpec, interface: GraphInterface):
@@ -242,27 +244,29 @@ def repository_name(run_dir: RunDir) -> str:
 
 def plan_models(run_dir: RunDir, manifest: Manifest, name: str) -> list[ModelSpec]:
     """The ONNX model, and the TensorRT one when the run has a verified engine."""
-    if "onnxruntime" not in manifest.parity or ONNX_FILE not in manifest.files:
+    onnx = manifest.record("onnx")
+    if onnx is None:
         raise ArtifactError(f"{run_dir.root}: no verified ONNX export to put in a Triton "
                             "repository (run `mmdeploy export --format onnx`)")
-    batch = manifest.extra["batch_range"]
+    batch = onnx.batch_range
     if batch["min"] != 1:
         raise ConfigError(f"the export's batch range starts at {batch['min']}; Triton sends "
                           "any batch from 1 up, so export with --batch-range 1,OPT,MAX")
-    onnx_files = {n: run_dir.export_dir / n for n in manifest.files if n.startswith(ONNX_FILE)}
+    onnx_files = {n: run_dir.export_dir / n for n in onnx.files}
     specs = [ModelSpec(name, "onnxruntime_onnx", onnx_files, 1, batch["opt"], batch["max"],
-                       "KIND_AUTO")]
-    engine = recorded_engine(manifest)
+                       "KIND_AUTO", "onnx")]
+    engine = manifest.record("tensorrt")
     if engine is not None:
-        sidecar = EngineSidecar.load(run_dir.export_dir / engine["sidecar"])
-        if sidecar.onnx_sha256 != manifest.files[ONNX_FILE]["sha256"]:
-            raise ArtifactError(f"{engine['engine']}: built from another ONNX graph than the "
-                                f"run's {ONNX_FILE}; rebuild it with `export --format tensorrt`")
+        plan = engine.details["engine"]
+        sidecar = EngineSidecar.load(run_dir.export_dir / engine.details["sidecar"])
+        if sidecar.onnx_sha256 != onnx.files[ONNX_FILE]["sha256"]:
+            raise ArtifactError(f"{plan}: built from another ONNX graph than the run's "
+                                f"{ONNX_FILE}; rebuild it with `export --format tensorrt`")
         low, opt, high = sidecar.profile.min[0], sidecar.profile.opt[0], sidecar.profile.max[0]
         if low == 1:
             specs.append(ModelSpec(f"{name}_tensorrt", "tensorrt_plan",
-                                   {"model.plan": run_dir.export_dir / engine["engine"]},
-                                   low, opt, high, "KIND_GPU"))
+                                   {"model.plan": run_dir.export_dir / plan},
+                                   low, opt, high, "KIND_GPU", "tensorrt"))
     return specs
 
 
@@ -277,7 +281,8 @@ def write_repository(run_path: str | Path, out: str | Path | None = None,
     name = repository_name(run_dir)
     specs = plan_models(run_dir, manifest, name)
     model_config_pb2()  # the extra is missing: say so before anything is copied
-    manifest.verify_files(run_dir.export_dir, [n for s in specs for n in _sources(s, run_dir)])
+    for spec in specs:
+        manifest.exports[spec.source].verify_files(run_dir.export_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -289,11 +294,23 @@ def write_repository(run_path: str | Path, out: str | Path | None = None,
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    manifest.exports["triton"] = _record(manifest, specs, out)
+    manifest.save(run_dir.manifest_path)
     return out
 
 
-def _sources(spec: ModelSpec, run_dir: RunDir) -> list[str]:
-    return [p.relative_to(run_dir.export_dir).as_posix() for p in spec.files.values()]
+def _record(manifest: Manifest, specs: list[ModelSpec], out: Path) -> ExportRecord:
+    """The repository as one of the run's exports. Its files live in the repository, each
+    model's hashed in its own `mmdeploy.json`, so the record lists none of export/."""
+    onnx = manifest.exports["onnx"]
+    return ExportRecord(
+        backend="triton", precision=onnx.precision, batch_range=dict(onnx.batch_range),
+        check={"kind": "triton", "passed": True,
+               "checked": "each config.pbtxt against Triton's schema and its graph; the "
+                          "model files' sha256"},
+        inputs=onnx.inputs, outputs=onnx.outputs, opset=onnx.opset,
+        details={"repository": str(out.resolve()),
+                 "models": {spec.name: spec.platform for spec in specs}})
 
 
 def _write_model(model_dir: Path, spec: ModelSpec, run_dir: RunDir, run) -> None:

@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -295,30 +295,99 @@ class RunDir:
 
 # ---------------------------------------------------------------------------- export manifest
 
+MANIFEST_VERSION = 2
+"""2: one typed record per export. mmdeploy 0.1.0 wrote version 1 (no `format_version`): one
+`files` table, `parity` keyed by backend and a shared `extra["batch_range"]` that each
+format overwrote, so which range belonged to which export was lost; those are refused."""
+
 
 @dataclass
-class Manifest(ConfigBase):
-    """`export/manifest.json`: what was exported, with hashes, shapes and parity figures.
-
-    `files` maps a path relative to export/ to {"sha256", "size"}; `inputs`/`outputs` are
-    {"name", "dtype", "shape"} with "batch" for the dynamic axis; `parity` maps a backend to
-    its `ParityReport.to_dict()`; `extra` holds anything else (batch range, lint findings,
-    export seconds).
+class ExportRecord(ConfigBase):
+    """One export of a run (`export/manifest.json`'s `exports[name]`): the files it is made
+    of (a path relative to export/ -> {"sha256", "size"}, the main file first), the backend
+    that serves it and at which precision, the graph's inputs and outputs ({"name", "dtype",
+    "shape"}, "batch" for the dynamic axis), its own batch range ({"min", "opt", "max"}), the
+    device it was compiled for (None: any), the check it passed (a parity or gate report's
+    `to_dict()`, with "kind" and "passed"), the exporter versions, and the format's own
+    facts (`details`: node counts, lint findings, build seconds, the TensorRT profile, ...).
     """
 
+    backend: str
+    precision: str
+    batch_range: dict[str, int]
+    check: dict[str, Any]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     opset: int | None = None
+    device: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
-    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def main_file(self) -> str:
+        return next(iter(self.files))
+
+    @property
+    def passed(self) -> bool:
+        return self.check.get("passed") is True
+
+    @property
+    def batch_limits(self) -> tuple[int, int]:
+        """(smallest, largest) batch the export takes."""
+        return self.batch_range["min"], self.batch_range["max"]
 
     def add_file(self, export_dir: PathLike, relpath: str) -> None:
         """Record (or refresh) the sha256 and size of `export_dir/relpath`."""
         path = Path(export_dir) / relpath
-        digest = sha256_file(path)
-        self.files[Path(relpath).as_posix()] = {"sha256": digest, "size": path.stat().st_size}
+        self.files[Path(relpath).as_posix()] = {"sha256": sha256_file(path),
+                                                "size": path.stat().st_size}
+
+    def verify_files(self, export_dir: PathLike) -> None:
+        """Check each of the export's files against its size and sha256; raises
+        `ArtifactError` naming the first one that is missing, resized or altered."""
+        for name, entry in self.files.items():
+            path = Path(export_dir) / name
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing")
+            size = path.stat().st_size
+            if size != entry["size"]:
+                raise ArtifactError(f"{path}: size {size}, manifest says {entry['size']}")
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise ArtifactError(f"{path}: sha256 mismatch (manifest {entry['sha256'][:8]}..., "
+                                    f"file {digest[:8]}...)")
+
+
+@dataclass
+class Manifest(ConfigBase):
+    """`export/manifest.json`: the run's exports by name ("onnx", "aoti", "tensorrt",
+    "int8"), each an `ExportRecord`; and how the deploy form compared with the training
+    form when they were made (`deploy_form_max_abs`, with the parity inputs' seed)."""
+
+    format_version: int = MANIFEST_VERSION
+    exports: dict[str, ExportRecord] = field(default_factory=dict)
+    deploy_form_max_abs: float | None = None
+    parity_seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict) or not isinstance(data.get("exports", {}), dict):
+            raise ConfigError("Manifest expects a JSON object with an `exports` object")
+        exports = {name: ExportRecord.from_dict(record)
+                   for name, record in data.get("exports", {}).items()}
+        return super().from_dict({**data, "exports": {}}).replace(exports=exports)
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """Every exported file, across the records."""
+        return {name: entry for record in self.exports.values()
+                for name, entry in record.files.items()}
+
+    def record(self, name: str) -> ExportRecord | None:
+        """The export `name` if the run has it and it passed its check, else None."""
+        record = self.exports.get(name)
+        return record if record is not None and record.passed else None
 
     def save(self, path: PathLike) -> None:
         atomic_write_json(path, self.to_dict())
@@ -326,6 +395,11 @@ class Manifest(ConfigBase):
     @classmethod
     def load(cls, path: PathLike) -> Manifest:
         data = read_json(path)
+        if isinstance(data, dict) and data.get("format_version") != MANIFEST_VERSION:
+            written = data.get("format_version", "1 (mmdeploy 0.1.0)")
+            raise ArtifactError(f"{path}: manifest format {written}, this mmdeploy reads "
+                                f"{MANIFEST_VERSION}; re-export the run (`mmdeploy export "
+                                "--run RUN --format ...`)")
         try:
             manifest = cls.from_dict(data)
         except ConfigError as exc:
@@ -337,52 +411,31 @@ class Manifest(ConfigBase):
 
     def _shape_problem(self) -> str | None:
         """What is structurally wrong with a loaded manifest, if anything (JSON has no types)."""
-        for name, kind in _MANIFEST_TYPES.items():
-            if not isinstance(getattr(self, name), kind):
-                return f"field {name!r} should be a {_JSON_NAMES[kind]}"
-        for name, entry in self.files.items():
-            if not (
-                isinstance(entry, dict)
-                and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("size"), int)
-            ):
-                return f"files entry {name!r} needs a sha256 string and an integer size"
+        for name, record in self.exports.items():
+            for key, kind in _RECORD_TYPES.items():
+                if not isinstance(getattr(record, key), kind):
+                    return f"export {name!r}: field {key!r} should be a {_JSON_NAMES[kind]}"
+            for file, entry in record.files.items():
+                if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                        and isinstance(entry.get("size"), int)):
+                    return f"files entry {file!r} needs a sha256 string and an integer size"
+            if not all(isinstance(record.batch_range.get(k), int) for k in ("min", "max")):
+                return f"export {name!r}: batch_range needs integer min and max"
         return None
 
-    def verify_files(self, export_dir: PathLike, names: Iterable[str] | None = None) -> None:
-        """Check each named file (default: all) against its size and sha256.
-
-        Raises ArtifactError naming the first file that is missing, unlisted, resized or
-        altered.
-        """
-        for name in self.files if names is None else names:
-            path = Path(export_dir) / name
-            entry = self.files.get(name)
-            if entry is None:
-                raise ArtifactError(f"{path}: not listed in the export manifest")
-            if not path.is_file():
-                raise ArtifactError(f"{path}: missing")
-            size = path.stat().st_size
-            if size != entry["size"]:
-                raise ArtifactError(f"{path}: size {size}, manifest says {entry['size']}")
-            digest = sha256_file(path)
-            if digest != entry["sha256"]:
-                raise ArtifactError(
-                    f"{path}: sha256 mismatch "
-                    f"(manifest {entry['sha256'][:8]}..., file {digest[:8]}...)"
-                )
+    def verify_files(self, export_dir: PathLike) -> None:
+        """Check every exported file against its size and sha256 (`ExportRecord.verify_files`)."""
+        for record in self.exports.values():
+            record.verify_files(export_dir)
 
 
-_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
-    "files": dict,
-    "inputs": list,
-    "outputs": list,
-    "opset": (int, type(None)),
-    "versions": dict,
-    "parity": dict,
-    "extra": dict,
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "backend": str, "precision": str, "batch_range": dict, "check": dict, "files": dict,
+    "inputs": list, "outputs": list, "opset": (int, type(None)), "versions": dict,
+    "details": dict,
 }
-_JSON_NAMES = {dict: "JSON object", list: "JSON list", (int, type(None)): "integer or null"}
+_JSON_NAMES = {str: "string", dict: "JSON object", list: "JSON list",
+               (int, type(None)): "integer or null"}
 
 
 def installed_versions(distributions: tuple[str, ...]) -> dict[str, str]:

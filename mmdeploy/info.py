@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import Manifest, RunDir
+from .artifacts import ExportRecord, Manifest, RunDir
 from .runs import load_run_config
 
 
@@ -24,14 +24,22 @@ def describe_run(run_path: str | Path) -> dict:
     if run_dir.manifest_path.exists():
         manifest = Manifest.load(run_dir.manifest_path)
         details["exported_files"] = {name: entry["size"] for name, entry in manifest.files.items()}
-        details["parity"] = {backend: {"precision": r["precision"], "passed": r["passed"],
-                                       **r.get("worst", {})}
-                             for backend, r in manifest.parity.items()}
-        if int8 := manifest.extra.get("int8"):
-            gate = int8["gate"]
-            details["int8"] = {"file": int8["file"], "method": int8["method"],
-                               "passed": gate["passed"], "agreement": gate["agreement"],
-                               "accuracy_drop_points": gate["accuracy_drop_points"],
-                               "kept_fp32": len(int8["kept_fp32"]),
-                               "serve_default": int8.get("serve_default", False)}
+        details["exports"] = {name: _export_summary(record)
+                              for name, record in manifest.exports.items()}
     return details
+
+
+def _export_summary(record: ExportRecord) -> dict:
+    """An export's backend, precision, batch range and check, with the check's worst
+    figures: parity's (max abs, min cosine, top-1 agreement) or the INT8 gate's (top-1
+    agreement, accuracy drop in points)."""
+    check = record.check
+    figures = check.get("worst") or {"top1_agreement": check.get("agreement"),
+                                     "accuracy_drop_points": check.get("accuracy_drop_points")}
+    low, high = record.batch_limits
+    summary = {"backend": record.backend, "precision": record.precision,
+               "batch_range": f"{low}..{high}", "check": check.get("kind"),
+               "passed": record.passed, **figures}
+    if "serve_default" in record.details:
+        summary["serve_default"] = record.details["serve_default"]
+    return summary

@@ -154,10 +154,15 @@ def ganet_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def aoti_run(tiny_run, tmp_path_factory) -> Path:
-    """A copy of the session run with an AOTInductor package beside its ONNX export
-    (compiled once per session: about 15-30 s on 2 cores). Read-only."""
+    """A copy of the session run exported again to ONNX at batch 1..64, then to an
+    AOTInductor package at 1..8 beside it (compiled once per session: about 15-30 s on 2
+    cores): two exports with their own batch ranges. The manifest as it was between the two
+    is kept beside the run as `manifest-before-aoti.json`. Read-only."""
     path = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("runs") / "hmmoe-aoti"))
-    export = run_cli(["export", "--run", path, "--format", "aoti"])
+    onnx = run_cli(["export", "--run", path, "--format", "onnx", "--batch-range", "1,8,64"])
+    assert onnx.code == 0, str(onnx)
+    shutil.copy(path / "export" / "manifest.json", path.parent / "manifest-before-aoti.json")
+    export = run_cli(["export", "--run", path, "--format", "aoti", "--batch-range", "1,4,8"])
     assert export.code == 0, str(export)
     return path
 

@@ -6,6 +6,7 @@ import torch
 
 from mmdeploy import artifacts
 from mmdeploy.artifacts import (
+    ExportRecord,
     Manifest,
     RunDir,
     atomic_output,
@@ -206,16 +207,21 @@ def export(tmp_path):
     export_dir.mkdir()
     (export_dir / "model.onnx").write_bytes(b"graph" * 100)
     (export_dir / "model.onnx.data").write_bytes(os.urandom(4096))
-    manifest = Manifest(
+    (export_dir / "model.pt2").write_bytes(b"package" * 10)
+    onnx = ExportRecord(
+        backend="onnxruntime", precision="fp32", batch_range={"min": 1, "opt": 8, "max": 64},
+        check={"kind": "parity", "passed": True, "worst": {"max_abs": 3e-6}},
         inputs=[{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}],
         outputs=[{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
-        opset=18,
-        versions={"torch": "2.13.0", "onnx": "1.23.2"},
-        parity={"onnxruntime": {"passed": True, "worst": {"max_abs": 3e-6}}},
-        extra={"batch_range": [1, 8, 64], "lint": []},
-    )
-    manifest.add_file(export_dir, "model.onnx")
-    manifest.add_file(export_dir, "model.onnx.data")
+        opset=18, versions={"torch": "2.13.0", "onnx": "1.23.2"}, details={"lint": []})
+    onnx.add_file(export_dir, "model.onnx")
+    onnx.add_file(export_dir, "model.onnx.data")
+    aoti = ExportRecord(backend="aoti", precision="fp32", device="cpu",
+                        batch_range={"min": 1, "opt": 4, "max": 8},
+                        check={"kind": "parity", "passed": False})
+    aoti.add_file(export_dir, "model.pt2")
+    manifest = Manifest(exports={"onnx": onnx, "aoti": aoti}, deploy_form_max_abs=1e-7,
+                        parity_seed=3)
     return export_dir, manifest
 
 
@@ -224,23 +230,40 @@ def test_manifest_round_trip(export):
     manifest.save(export_dir / "manifest.json")
     loaded = Manifest.load(export_dir / "manifest.json")
     assert loaded == manifest
+    assert isinstance(loaded.exports["onnx"], ExportRecord)
     assert loaded.files["model.onnx"] == {
         "sha256": sha256_file(export_dir / "model.onnx"),
         "size": 500,
     }
+    assert loaded.exports["onnx"].main_file == "model.onnx"
+    assert loaded.exports["onnx"].batch_limits == (1, 64)  # each export its own range
+    assert loaded.exports["aoti"].batch_limits == (1, 8)
+    assert loaded.record("onnx") is not None and loaded.record("aoti") is None  # not passed
     loaded.verify_files(export_dir)
 
 
 def test_manifest_load_errors_name_the_file(tmp_path):
     path = tmp_path / "manifest.json"
-    atomic_write_json(path, {"files": {}, "surprise": 1})
+    atomic_write_json(path, {"format_version": 2, "exports": {}, "surprise": 1})
     with pytest.raises(ArtifactError, match=r"manifest\.json: .*unknown option\(s\) surprise"):
         Manifest.load(path)
-    atomic_write_json(path, {"files": {"model.onnx": {"sha256": "ab"}}})
+    record = {"backend": "onnxruntime", "precision": "fp32", "check": {"passed": True},
+              "batch_range": {"min": 1, "opt": 1, "max": 8}}
+    atomic_write_json(path, {"format_version": 2, "exports": {
+        "onnx": {**record, "files": {"model.onnx": {"sha256": "ab"}}}}})
     with pytest.raises(ArtifactError, match=r"manifest\.json: files entry 'model.onnx'"):
         Manifest.load(path)
-    atomic_write_json(path, {"files": []})
-    with pytest.raises(ArtifactError, match=r"field 'files' should be a JSON object"):
+    atomic_write_json(path, {"format_version": 2, "exports": {"onnx": {**record, "files": []}}})
+    with pytest.raises(ArtifactError,
+                       match=r"export 'onnx': field 'files' should be a JSON object"):
+        Manifest.load(path)
+    atomic_write_json(path, {"format_version": 2, "exports": {
+        "onnx": {**record, "batch_range": {"min": 1}}}})
+    with pytest.raises(ArtifactError, match=r"batch_range needs integer min and max"):
+        Manifest.load(path)
+    atomic_write_json(path, {"format_version": 3, "exports": {}})
+    with pytest.raises(ArtifactError, match=r"manifest format 3, this mmdeploy reads 2; "
+                                            r"re-export the run"):
         Manifest.load(path)
 
 
@@ -254,7 +277,7 @@ def test_verify_files_catches_tampered_byte(export):
         manifest.verify_files(export_dir)
     assert str(info.value).startswith(f"{export_dir / 'model.onnx.data'}: sha256 mismatch")
     assert f"(manifest {expected}..., file " in str(info.value)
-    manifest.verify_files(export_dir, names=["model.onnx"])  # the untouched file still passes
+    manifest.exports["aoti"].verify_files(export_dir)  # the untouched export still passes
 
 
 def test_verify_files_catches_missing_and_resized(export):
@@ -262,8 +285,6 @@ def test_verify_files_catches_missing_and_resized(export):
     (export_dir / "model.onnx").write_bytes(b"graph" * 99)
     with pytest.raises(ArtifactError, match=r"export/model\.onnx: size 495, manifest says 500"):
         manifest.verify_files(export_dir)
-    (export_dir / "model.onnx.data").unlink()
-    with pytest.raises(ArtifactError, match=r"export/model\.onnx\.data: missing"):
-        manifest.verify_files(export_dir, names=["model.onnx.data"])
-    with pytest.raises(ArtifactError, match=r"export/model\.pt2: not listed"):
-        manifest.verify_files(export_dir, names=["model.pt2"])
+    (export_dir / "model.pt2").unlink()
+    with pytest.raises(ArtifactError, match=r"export/model\.pt2: missing"):
+        manifest.exports["aoti"].verify_files(export_dir)

@@ -93,19 +93,24 @@ def test_train_writes_a_complete_run(tiny_run_build):
 
 def test_export_publishes_a_verified_onnx(tiny_run_build):
     run, export = tiny_run_build.path, tiny_run_build.export
-    assert "onnxruntime parity passed" in export.stdout
+    assert "onnxruntime fp32: passed parity" in export.stdout
     assert "exported model.onnx" in export.stdout
     manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and list(manifest["exports"]) == ["onnx"]
+    record = manifest["exports"]["onnx"]
     onnx_file = run / "export" / "model.onnx"
-    entry = manifest["files"]["model.onnx"]
+    entry = record["files"]["model.onnx"]
     assert entry["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     assert entry["size"] == onnx_file.stat().st_size
-    assert manifest["opset"] == 18
-    assert [i["name"] for i in manifest["inputs"]] == ["pixel_values"]
-    assert manifest["inputs"][0]["shape"][0] == "batch"
-    assert {o["name"] for o in manifest["outputs"]} == {"logits", "embeddings"}
-    parity = manifest["parity"]["onnxruntime"]
-    assert parity["passed"] is True
+    assert record["backend"] == "onnxruntime" and record["precision"] == "fp32"
+    assert record["batch_range"] == {"min": 1, "opt": 8, "max": 32}
+    assert record["opset"] == 18 and record["device"] is None
+    assert [i["name"] for i in record["inputs"]] == ["pixel_values"]
+    assert record["inputs"][0]["shape"][0] == "batch"
+    assert {o["name"] for o in record["outputs"]} == {"logits", "embeddings"}
+    assert record["versions"]["onnx"] and record["details"]["nodes"] > 0
+    parity = record["check"]
+    assert parity["kind"] == "parity" and parity["passed"] is True
     assert parity["worst"]["max_abs"] <= 1e-4
     assert parity["worst"]["top1_agreement"] == 1.0
     batches = {check["batch"] for check in parity["checks"]}
@@ -136,9 +141,10 @@ def test_info_json(cli, tiny_run):
     assert details["adapter_config"]["top_k"] == 2
     assert details["exported_files"] == {
         "model.onnx": (tiny_run / "export" / "model.onnx").stat().st_size}
-    parity = details["parity"]["onnxruntime"]
-    assert parity["passed"] is True and parity["precision"] == "fp32"
-    assert parity["max_abs"] <= 1e-4
+    onnx = details["exports"]["onnx"]
+    assert onnx["backend"] == "onnxruntime" and onnx["precision"] == "fp32"
+    assert onnx["check"] == "parity" and onnx["passed"] is True
+    assert onnx["batch_range"] == "1..32" and onnx["max_abs"] <= 1e-4
 
 
 def test_info_text(cli, tiny_run):
@@ -324,8 +330,8 @@ def test_dense_hmmoe_exports_and_passes_parity(cli, tmp_path):
                   "--batch-range", "1,4,8"])
     assert result.code == 0, str(result)
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    assert manifest["extra"]["batch_range"] == {"min": 1, "opt": 4, "max": 8}
-    parity = manifest["parity"]["onnxruntime"]
+    assert manifest["exports"]["onnx"]["batch_range"] == {"min": 1, "opt": 4, "max": 8}
+    parity = manifest["exports"]["onnx"]["check"]
     assert parity["passed"] is True and parity["worst"]["max_abs"] <= 1e-4
     assert {check["batch"] for check in parity["checks"]} == {1, 7, 8}
 
@@ -343,5 +349,6 @@ def test_baselines_share_the_export_path(adapter, tmp_path, cli):
     exported = cli(["export", "--run", run, "--batch-range", "1,4,9"])
     assert exported.code == 0, str(exported)
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    assert manifest["parity"]["onnxruntime"]["passed"] is True
-    assert {c["batch"] for c in manifest["parity"]["onnxruntime"]["checks"]} == {1, 7, 9}
+    parity = manifest["exports"]["onnx"]["check"]
+    assert parity["passed"] is True
+    assert {c["batch"] for c in parity["checks"]} == {1, 7, 9}

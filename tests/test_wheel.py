@@ -125,8 +125,8 @@ def test_installed_cli_trains_and_exports_outside_the_repo(wheel_env):
     assert (run_dir / "adapter_model.safetensors").is_file()
     exported = run([mmdeploy, "export", "--adapter", "hmmoe", "--run", "runs/w", "--format",
                     "onnx", "--batch-range", "1,2,4"], cwd=work, env=env)
-    assert "onnxruntime parity passed" in exported.stdout
+    assert "onnxruntime fp32: passed parity" in exported.stdout
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert manifest["parity"]["onnxruntime"]["passed"] is True
-    assert (run_dir / "export" / "model.onnx").stat().st_size == \
-        manifest["files"]["model.onnx"]["size"]
+    onnx = manifest["exports"]["onnx"]
+    assert onnx["check"]["passed"] is True
+    assert (run_dir / "export" / "model.onnx").stat().st_size == onnx["files"]["model.onnx"]["size"]

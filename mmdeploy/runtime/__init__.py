@@ -1,190 +1,238 @@
 """Runtime backends behind one `Predictor` interface, and the choice among them.
 
-DESIGN section 7's order, fastest first: TensorRT > ONNX Runtime on CUDA > AOTInductor on
-CUDA > ONNX Runtime on CPU > AOTInductor on CPU > PyTorch eager. A backend is passed over
-when the run has no verified export for it (said once per backend) or when this machine
-cannot run it on that device (said per device).
+`BACKEND_TABLE` mirrors the exporters' `FORMATS`: each backend says the devices it runs on,
+the export record it serves at each precision, why it cannot run on a device here, and how
+its predictor loads. `RANKING` follows from it, DESIGN section 7's order, fastest first:
+TensorRT > ONNX Runtime on CUDA > AOTInductor on CUDA > ONNX Runtime on CPU > AOTInductor on
+CPU > PyTorch eager. A backend is passed over when the run has no verified export for it
+(said once per backend) or when this machine cannot run it on that device (said per device).
 
-Precision: FP32 by default; INT8 (`precision="int8"`) is the run's `model.int8.onnx`, which
-only ONNX Runtime serves, and only once it passed its accuracy gate.
+Precision: FP32 by default (an export's own precision: an FP16 engine serves "fp32"
+requests too); INT8 (`precision="int8"`) is the run's INT8 record, which only ONNX Runtime
+serves, and only once it passed its accuracy gate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Kept light (no torch): the CLI reads BACKENDS for `infer --backend` at import time.
+from ..artifacts import ExportRecord, Manifest, RunDir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, MmdeployError
+from .records import EXPORT_HINTS
 
 if TYPE_CHECKING:
-    from ..artifacts import Manifest, RunDir
     from .base import Predictor
 
-BACKENDS = ("tensorrt", "onnxruntime", "aoti", "torch")
-RANKING = (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("aoti", "cuda"),
-           ("onnxruntime", "cpu"), ("aoti", "cpu"), ("torch", None))
+PRECISIONS = ("fp32", "int8")
+Problem = Callable[[str, ExportRecord, RunDir], "str | None"]
+Loader = Callable[[Path, str, "int | None"], "Predictor"]
 
 
-def _manifest(run_dir: RunDir) -> Manifest | None:
-    from ..artifacts import Manifest
+def _onnxruntime_problem(device: str, record: ExportRecord, run_dir: RunDir) -> str | None:
+    from .onnxruntime import available_providers, choose_providers
 
+    try:
+        available = available_providers()
+    except BackendUnavailableError as exc:
+        return exc.reason
+    if device == "cuda" and record.precision == "int8":
+        return "INT8 graphs are served on the CPU provider"
+    if device == "cuda" and "CUDAExecutionProvider" not in choose_providers(
+            available, tensorrt_importable=False).providers:
+        return "this onnxruntime has no CUDA provider (pip install 'mm-peft-deploy[gpu]')"
+    return None
+
+
+def _aoti_problem(device: str, record: ExportRecord, run_dir: RunDir) -> str | None:
+    from .aoti import device_problem
+
+    if record.device != device:
+        return f"{record.main_file} is compiled for {record.device}, not {device}"
+    return device_problem(device)
+
+
+def _tensorrt_problem(device: str, record: ExportRecord, run_dir: RunDir) -> str | None:
+    from .tensorrt import EngineSidecar, runtime_info, unavailable_reason
+
+    if reason := unavailable_reason():
+        return reason
+    try:
+        sidecar = EngineSidecar.load(run_dir.export_dir / record.details["sidecar"])
+        sidecar.check_compatible(runtime_info())
+    except MmdeployError as exc:
+        return str(exc)
+    return None
+
+
+def _load_tensorrt(run_path: Path, precision: str, threads: int | None) -> Predictor:
+    from .tensorrt import TensorRTPredictor
+
+    return TensorRTPredictor(run_path)
+
+
+def _load_onnxruntime(run_path: Path, precision: str, threads: int | None) -> Predictor:
+    from .onnxruntime import OnnxRuntimePredictor
+
+    return OnnxRuntimePredictor(run_path, threads, precision)
+
+
+def _load_aoti(run_path: Path, precision: str, threads: int | None) -> Predictor:
+    from .aoti import AotiPredictor
+
+    return AotiPredictor(run_path)
+
+
+def _load_torch(run_path: Path, precision: str, threads: int | None) -> Predictor:
+    from .torch import TorchPredictor
+
+    return TorchPredictor(run_path)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A runtime backend: the devices it runs on, the export record it serves at each
+    precision (none: the run's own weights), why it cannot serve a record on a device here
+    (`problem`: None when it can), and how to load its predictor (imported only then)."""
+
+    name: str
+    devices: tuple[str, ...]
+    load: Loader
+    records: dict[str, str] = field(default_factory=dict)
+    problem: Problem | None = None
+
+    def record_for(self, precision: str) -> str | None:
+        return self.records.get(precision)
+
+
+BACKEND_TABLE: dict[str, Backend] = {
+    "tensorrt": Backend("tensorrt", ("cuda",), _load_tensorrt, {"fp32": "tensorrt"},
+                        _tensorrt_problem),
+    "onnxruntime": Backend("onnxruntime", ("cuda", "cpu"), _load_onnxruntime,
+                           {"fp32": "onnx", "int8": "int8"}, _onnxruntime_problem),
+    "aoti": Backend("aoti", ("cuda", "cpu"), _load_aoti, {"fp32": "aoti"}, _aoti_problem),
+    "torch": Backend("torch", ("any",), _load_torch),
+}
+BACKENDS = tuple(BACKEND_TABLE)
+RANKING = tuple([(b.name, device) for device in ("cuda", "cpu")
+                 for b in BACKEND_TABLE.values() if device in b.devices] + [("torch", None)])
+
+
+NO_EXPORT = "the run has no export (run `mmdeploy export --format onnx`)"
+
+
+def _manifest(run_dir: RunDir) -> Manifest | str:
+    """The run's manifest, or why there is none to use (none yet, or one this version cannot
+    read: its line says to re-export)."""
     if not run_dir.manifest_path.exists():
-        return None
+        return NO_EXPORT
     try:
         return Manifest.load(run_dir.manifest_path)
-    except ArtifactError:
+    except ArtifactError as exc:
+        return str(exc)
+
+
+def _artifact_reason(backend: Backend, precision: str, manifest: Manifest | str) -> str | None:
+    """Why the run has nothing for `backend` to serve at `precision`, or None."""
+    if backend.name == "torch":
         return None
-
-
-def _artifact_reason(backend: str, manifest: Manifest | None) -> str | None:
-    """Why the run has nothing for `backend` to serve, or None."""
-    from .aoti import package_info
-    from .onnxruntime import ONNX_FILE
-    from .tensorrt import recorded_engine
-
-    if backend == "torch":
-        return None
-    if manifest is None:
-        return "the run has no export (run `mmdeploy export --format onnx`)"
-    if backend == "onnxruntime" and ("onnxruntime" not in manifest.parity
-                                     or ONNX_FILE not in manifest.files):
-        return "the run has no verified ONNX export"
-    if backend == "aoti" and package_info(manifest) is None:
-        return "the run has no verified AOTInductor package (`export --format aoti`)"
-    if backend == "tensorrt" and recorded_engine(manifest) is None:
-        return "the run has no verified TensorRT engine (`export --format tensorrt`)"
+    if isinstance(manifest, str):
+        return manifest
+    name = backend.record_for(precision)
+    record = manifest.exports.get(name)
+    if record is None:
+        return f"the run has no verified {EXPORT_HINTS[name]}"
+    if not record.passed:
+        return f"{record.main_file} did not pass its {record.check.get('kind', 'check')}"
     return None
 
 
-def _device_reason(backend: str, device: str | None, run_dir: RunDir,
-                   manifest: Manifest) -> str | None:
-    """Why `backend` cannot run the run's export on `device` here, or None."""
-    if backend == "tensorrt":
-        from .tensorrt import EngineSidecar, recorded_engine, runtime_info, unavailable_reason
-
-        if reason := unavailable_reason():
-            return reason
-        sidecar = run_dir.export_dir / recorded_engine(manifest)["sidecar"]
-        try:
-            EngineSidecar.load(sidecar).check_compatible(runtime_info())
-        except MmdeployError as exc:
-            return str(exc)
-        return None
-    if backend == "onnxruntime":
-        from .onnxruntime import available_providers, choose_providers
-
-        try:
-            available = available_providers()
-        except BackendUnavailableError as exc:
-            return exc.reason
-        if device == "cuda" and "CUDAExecutionProvider" not in choose_providers(
-                available, tensorrt_importable=False).providers:
-            return "this onnxruntime has no CUDA provider (pip install 'mm-peft-deploy[gpu]')"
-        return None
-    if backend == "aoti":
-        from .aoti import device_problem, package_info
-
-        compiled_for = package_info(manifest)["device"]
-        if compiled_for != device:
-            return f"model.pt2 is compiled for {compiled_for}, not {device}"
-        return device_problem(device)
-    return None
-
-
-def _reasons(backend: str, device: str | None, run_dir: RunDir) -> tuple[str | None, bool]:
-    """(why `backend` on `device` cannot serve the run or None, whether the reason is about
-    the run's files rather than the device)."""
-    if backend not in BACKENDS:
+def _reasons(backend: str, device: str | None, precision: str,
+             run_dir: RunDir) -> tuple[str | None, bool]:
+    """(why `backend` on `device` cannot serve the run at `precision`, or None; whether the
+    reason is about the run's files rather than the device)."""
+    if backend not in BACKEND_TABLE:
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    table = BACKEND_TABLE[backend]
     manifest = _manifest(run_dir)
-    if reason := _artifact_reason(backend, manifest):
+    if reason := _artifact_reason(table, precision, manifest):
         return reason, True
-    return _device_reason(backend, device, run_dir, manifest), False
+    if table.problem is None:
+        return None, False
+    return table.problem(device, manifest.exports[table.record_for(precision)], run_dir), False
 
 
 def default_precision(run_path: str | Path) -> str:
     """"int8" when the run's INT8 export was made to be served by default
     (`export --int8 ... --serve-int8`) and passed its gate, else "fp32"."""
-    from ..artifacts import RunDir
-    from .onnxruntime import int8_problem
-
     manifest = _manifest(RunDir(Path(run_path)))
-    if manifest is None or int8_problem(manifest):
-        return "fp32"
-    return "int8" if manifest.extra["int8"].get("serve_default") else "fp32"
-
-
-def _pick_int8(run_dir: RunDir, requested: str | None) -> tuple[str, list[str]]:
-    from .onnxruntime import int8_problem
-
-    if requested not in (None, "onnxruntime"):
-        raise BackendUnavailableError(requested, "INT8 is served by onnxruntime only "
-                                      "(model.int8.onnx); leave --backend out")
-    reason = int8_problem(_manifest(run_dir))
-    if reason is None:
-        reason, _ = _reasons("onnxruntime", "cpu", run_dir)
-    if reason is not None:
-        raise BackendUnavailableError("onnxruntime", f"int8: {reason}")
-    skipped = [] if requested else ["other backends: INT8 is served by onnxruntime only"]
-    return "onnxruntime", skipped
+    record = None if isinstance(manifest, str) else manifest.record("int8")
+    return "int8" if record is not None and record.details.get("serve_default") else "fp32"
 
 
 def pick_backend(run_path: str | Path, requested: str | None = None,
                  precision: str = "fp32") -> tuple[str, list[str]]:
     """The backend to use and, for each faster one passed over, why (once per backend for a
     missing export, once per device for what this machine lacks). With `precision="int8"`
-    that is onnxruntime, or an error saying why it cannot serve the run's INT8 graph."""
-    from ..artifacts import RunDir
-
+    only backends with an INT8 record are candidates (onnxruntime)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from "
+                          f"{', '.join(PRECISIONS)}")
     run_dir = RunDir(Path(run_path))
-    if precision == "int8":
-        return _pick_int8(run_dir, requested)
-    if precision != "fp32":
-        raise ConfigError(f"unknown precision {precision!r}; choose fp32 or int8")
+    ranking = [(b, d) for b, d in RANKING
+               if precision == "fp32" or BACKEND_TABLE[b].record_for(precision)]
     if requested is not None:
-        candidates = [(b, d) for b, d in RANKING if b == requested] or [(requested, None)]
-        reasons = []
-        for backend, device in candidates:
-            reason, _ = _reasons(backend, device, run_dir)
-            if reason is None:
-                return requested, []
-            reasons.append(f"{device}: {reason}" if device and len(candidates) > 1 else reason)
-        raise BackendUnavailableError(requested, "; ".join(dict.fromkeys(reasons)))
-    skipped: list[str] = []
-    for backend, device in RANKING:
-        reason, about_files = _reasons(backend, device, run_dir)
+        return requested, _check_requested(requested, ranking, precision, run_dir)
+    skipped = [] if precision == "fp32" else \
+        [f"other backends: {precision.upper()} is served by {_served_by(ranking)} only"]
+    for backend, device in ranking:
+        reason, about_files = _reasons(backend, device, precision, run_dir)
         if reason is None:
             return backend, skipped
         line = f"{backend}: {reason}" if about_files else f"{backend} on {device}: {reason}"
         if line not in skipped:
             skipped.append(line)
+    if precision != "fp32":  # no fallback: the run's own weights are not INT8
+        raise BackendUnavailableError(ranking[0][0], f"{precision}: {reason}")
     raise AssertionError("torch is always available")
+
+
+def _check_requested(requested: str, ranking: list[tuple[str, str | None]], precision: str,
+                     run_dir: RunDir) -> list[str]:
+    """Nothing skipped when `requested` can serve the run at `precision` on one of its
+    devices; else `BackendUnavailableError` with the reasons."""
+    candidates = [(b, d) for b, d in ranking if b == requested]
+    if not candidates and requested in BACKEND_TABLE:
+        raise BackendUnavailableError(requested, f"{precision.upper()} is served by "
+                                      f"{_served_by(ranking)} only; leave --backend out")
+    reasons = []
+    for backend, device in candidates or [(requested, None)]:
+        reason, _ = _reasons(backend, device, precision, run_dir)
+        if reason is None:
+            return []
+        reasons.append(f"{device}: {reason}" if device and len(candidates) > 1 else reason)
+    prefix = f"{precision}: " if precision != "fp32" else ""
+    raise BackendUnavailableError(requested, prefix + "; ".join(dict.fromkeys(reasons)))
+
+
+def _served_by(ranking: list[tuple[str, str | None]]) -> str:
+    return ", ".join(dict.fromkeys(backend for backend, _ in ranking))
 
 
 def load_predictor(run_path: str | Path, backend: str, precision: str = "fp32",
                    threads: int | None = None) -> Predictor:
     """The run's predictor on `backend`. `threads`: ONNX Runtime's intra-op threads (None:
     one per core), for several predictors sharing a machine's cores."""
-    if precision != "fp32" and backend != "onnxruntime":
+    if backend not in BACKEND_TABLE:
+        raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    table = BACKEND_TABLE[backend]
+    if precision != "fp32" and table.record_for(precision) is None:
         raise BackendUnavailableError(backend, f"{precision} is served by onnxruntime only")
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTPredictor
-
-        return TensorRTPredictor(run_path)
-    if backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimePredictor
-
-        return OnnxRuntimePredictor(run_path, threads, precision)
-    if backend == "aoti":
-        from .aoti import AotiPredictor
-
-        return AotiPredictor(run_path)
-    if backend == "torch":
-        from .torch import TorchPredictor
-
-        return TorchPredictor(run_path)
-    raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return table.load(Path(run_path), precision, threads)
 
 
-__all__ = ["BACKENDS", "RANKING", "default_precision", "load_predictor", "pick_backend"]
+__all__ = ["BACKENDS", "BACKEND_TABLE", "RANKING", "default_precision", "load_predictor",
+           "pick_backend"]

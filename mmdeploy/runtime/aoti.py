@@ -7,20 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import Manifest
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Predictor
 
 PACKAGE_FILE = "model.pt2"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def package_info(manifest: Manifest) -> dict | None:
-    """What the export recorded about the package (device, precision, batch range), or None
-    when the run has no verified one."""
-    if PACKAGE_FILE not in manifest.files or "aoti" not in manifest.parity:
-        return None
-    return manifest.extra.get("aoti")
 
 
 def device_problem(device: str) -> str | None:
@@ -52,20 +43,15 @@ class AotiPackage:
 
 
 class AotiPredictor(Predictor):
+    """The run's `model.pt2` (record "aoti"), on the device it was compiled for."""
+
     backend = "aoti"
 
     def __init__(self, run_path: str | Path):
-        super().__init__(run_path)
-        manifest = Manifest.load(self.run_dir.manifest_path)
-        info = package_info(manifest)
-        if info is None:
-            raise ArtifactError(f"{self.run_dir.export_dir}: no verified {PACKAGE_FILE}; run "
-                                "`mmdeploy export --format aoti` first")
-        manifest.verify_files(self.run_dir.export_dir, [PACKAGE_FILE])
-        self.batch_range = (info["batch_range"]["min"], info["batch_range"]["max"])
-        self.package = AotiPackage(self.run_dir.export_dir / PACKAGE_FILE, info["device"],
-                                   info["precision"])
-        self.device, self.precision = info["device"], info["precision"]
+        super().__init__(run_path, "aoti")
+        self.device, self.precision = self.record.device, self.record.precision
+        self.package = AotiPackage(self.run_dir.export_dir / self.record.main_file,
+                                   self.device, self.precision)
 
     def describe(self) -> str:
         return f"aoti ({self.device}, {self.precision})"

@@ -1,4 +1,5 @@
-"""The one interface every runtime backend implements."""
+"""The one interface every runtime backend implements, and what they all do alike: find the
+export record they serve, check its files' hashes, and keep to its batch range."""
 
 from __future__ import annotations
 
@@ -8,29 +9,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..artifacts import RunDir
+from ..artifacts import ExportRecord, RunDir
 from ..errors import InputError
 from ..images import Preprocessor
 from ..runs import RunConfig, load_run_config
+from .records import verified_record
 
 
 class Predictor(ABC):
     """`predict(images) -> (probs, labels)` on one backend; preprocessing is shared.
 
     Subclasses implement `run` on preprocessed pixels [B, 3, H, W] float32 and return the
-    exported outputs (`logits` [B, C], `embeddings` [B, D]).
+    exported outputs (`logits` [B, C], `embeddings` [B, D]). A predictor of an export names
+    its record (`record`): the base finds it in the manifest (only one that passed its
+    check), verifies its files' sha256 and takes its batch range.
     """
 
     backend: str = ""
     device: str = "cpu"  # where it runs: "cpu" or "cuda"
     precision: str = "fp32"
 
-    def __init__(self, run_path: str | Path):
+    def __init__(self, run_path: str | Path, record: str | None = None):
         self.run_dir = RunDir(Path(run_path))
         self.run: RunConfig = load_run_config(self.run_dir)
         self.class_names = self.run.class_names
         self.preprocessor = Preprocessor.from_dict(self.run.preprocessing)
-        self.batch_range = (1, None)  # inclusive; None = unbounded
+        self.batch_range: tuple[int, int | None] = (1, None)  # inclusive; None = unbounded
+        self.record: ExportRecord | None = None
+        if record is not None:
+            self.record = verified_record(self.run_dir, record)
+            self.batch_range = self.record.batch_limits
 
     def describe(self) -> str:
         """The backend and where it runs, for the user."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import Manifest
 from ..backbone import default_cache_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError
 from .base import Predictor
@@ -129,45 +128,24 @@ class OnnxSession:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
-def int8_problem(manifest: Manifest | None) -> str | None:
-    """Why the run has no INT8 graph to serve, or None."""
-    record = manifest.extra.get("int8") if manifest is not None else None
-    if not record or record.get("file") not in manifest.files:
-        return ("the run has no INT8 export (run `mmdeploy export --int8` on the run's ONNX "
-                "export)")
-    if not record.get("gate", {}).get("passed"):
-        return f"{record['file']} did not pass its accuracy gate"
-    return None
-
-
 class OnnxRuntimePredictor(Predictor):
-    """The run's FP32 graph, or with `precision="int8"` its INT8 graph (`model.int8.onnx`,
-    served only once it passed the accuracy gate; its sha256 is checked on load)."""
+    """The run's FP32 graph (record "onnx"), or with `precision="int8"` its INT8 graph
+    (record "int8": `model.int8.onnx`, published only once it passed its accuracy gate)."""
 
     backend = "onnxruntime"
 
     def __init__(self, run_path: str | Path, threads: int | None = None,
                  precision: str = "fp32"):
-        super().__init__(run_path)
-        manifest = Manifest.load(self.run_dir.manifest_path)
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose from "
                               f"{', '.join(PRECISIONS)}")
-        if ONNX_FILE not in manifest.files:
-            raise ArtifactError(f"{self.run_dir.export_dir}: no verified {ONNX_FILE}; "
-                                "run `mmdeploy export` first")
-        if precision == "int8" and (problem := int8_problem(manifest)):
-            raise ArtifactError(f"{self.run_dir.export_dir}: {problem}")
-        graph = INT8_FILE if precision == "int8" else ONNX_FILE  # the FP32 one: + its data
-        manifest.verify_files(self.run_dir.export_dir,
-                              [n for n in manifest.files if n.startswith(graph)])
-        batch = manifest.extra.get("batch_range", {})
-        self.batch_range = (batch.get("min", 1), batch.get("max"))
+        super().__init__(run_path, "int8" if precision == "int8" else "onnx")
+        low, high = self.batch_range
         height, width = self.preprocessor.image_size
-        profile = None
-        if batch.get("max") is not None:
-            profile = tuple((batch[key], 3, height, width) for key in ("min", "opt", "max"))
-        self.session = OnnxSession(self.run_dir.export_dir / graph, threads, profile)
+        profile = tuple((batch, 3, height, width)
+                        for batch in (low, self.record.batch_range.get("opt", high), high))
+        self.session = OnnxSession(self.run_dir.export_dir / self.record.main_file, threads,
+                                   profile)
         self.device = "cuda" if self.session.on_gpu else "cpu"
         self.precision = precision
 

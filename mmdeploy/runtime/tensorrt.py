@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import Manifest, atomic_write_json, read_json
+from ..artifacts import atomic_write_json, read_json
 from ..errors import (
     ArtifactError,
     BackendUnavailableError,
@@ -142,14 +142,6 @@ def runtime_info() -> RuntimeInfo:
     return RuntimeInfo(tensorrt.__version__, torch.cuda.get_device_name(0), f"{major}.{minor}")
 
 
-def recorded_engine(manifest: Manifest) -> dict | None:
-    """The export's record of its engine ({"engine", "sidecar", ...}), or None."""
-    info = manifest.extra.get("tensorrt")
-    if "tensorrt" not in manifest.parity or not info or info.get("engine") not in manifest.files:
-        return None
-    return info
-
-
 class TensorRTEngine:
     """A deserialized engine on CUDA device 0: pixel_values (numpy) in, outputs by name.
 
@@ -203,19 +195,15 @@ def load_engine(export_dir: Path, engine: str, sidecar: str) -> TensorRTEngine:
 
 
 class TensorRTPredictor(Predictor):
+    """The run's engine (record "tensorrt"), checked against this GPU and TensorRT first."""
+
     backend = "tensorrt"
 
     def __init__(self, run_path: str | Path):
-        super().__init__(run_path)
-        manifest = Manifest.load(self.run_dir.manifest_path)
-        info = recorded_engine(manifest)
-        if info is None:
-            raise ArtifactError(f"{self.run_dir.export_dir}: no verified TensorRT engine; run "
-                                "`mmdeploy export --format tensorrt` on a GPU machine")
-        manifest.verify_files(self.run_dir.export_dir, [info["engine"], info["sidecar"]])
-        self.engine = load_engine(self.run_dir.export_dir, info["engine"], info["sidecar"])
-        self.batch_range = (self.engine.profile.min[0], self.engine.profile.max[0])
-        self.device, self.precision = "cuda", manifest.parity["tensorrt"]["precision"]
+        super().__init__(run_path, "tensorrt")
+        details = self.record.details
+        self.engine = load_engine(self.run_dir.export_dir, details["engine"], details["sidecar"])
+        self.device, self.precision = "cuda", self.record.precision
 
     def describe(self) -> str:
         return f"tensorrt ({runtime_info().gpu_name}, {self.precision})"

@@ -12,6 +12,8 @@ from .base import Predictor
 
 
 class TorchPredictor(Predictor):
+    """The run's own PyTorch model (no export record: the reference the others match)."""
+
     backend = "torch"
 
     def __init__(self, run_path: str | Path, device: str | None = None):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mmdeploy.artifacts import Manifest
+from mmdeploy.artifacts import ExportRecord, Manifest
 from mmdeploy.bench.backends import bench_run, render_table, summary_lines, write_result
 
 BACKENDS = ["eager", "onnxruntime", "aoti"]
@@ -78,7 +78,7 @@ GATE = {"passed": True, "agreement": 0.996, "accuracy_drop_points": 0.25,
 @pytest.fixture(scope="module")
 def int8_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of the session run with a dynamic INT8 graph recorded as the INT8 export
-    records it (`manifest.extra["int8"]`, the file listed with its sha256); the gate's
+    records it (the manifest's "int8" export, its file listed with its sha256); the gate's
     figures are made up: the bench shows them, it does not measure them."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -87,11 +87,16 @@ def int8_run(tiny_run, tmp_path_factory) -> Path:
     quantize_dynamic(export / "model.onnx", export / "model.int8.onnx",
                      op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
     manifest = Manifest.load(export / "manifest.json")
-    manifest.add_file(export, "model.int8.onnx")
-    manifest.extra["int8"] = {"file": "model.int8.onnx", "method": "dynamic",
-                              "calibration": None, "kept_fp32": ["node_MatMul_19"],
-                              "excluded_from_start": ["node_linear_7", "node_matmul_8"],
-                              "gate": GATE, "quantize_seconds": 0.4}
+    onnx = manifest.exports["onnx"]
+    record = ExportRecord(backend="onnxruntime", precision="int8",
+                          batch_range=dict(onnx.batch_range),
+                          check={"kind": "gate", **GATE},
+                          details={"method": "dynamic", "calibration": None,
+                                   "kept_fp32": ["node_MatMul_19"],
+                                   "excluded_from_start": ["node_linear_7", "node_matmul_8"],
+                                   "quantize_seconds": 0.4})
+    record.add_file(export, "model.int8.onnx")
+    manifest.exports["int8"] = record
     manifest.save(export / "manifest.json")
     return run
 
@@ -118,7 +123,7 @@ def test_bench_int8_row_shows_the_gate_and_every_row_its_share_of_the_peak(int8_
             assert row.backbone_speedup_vs_eager is None
         else:
             assert _positive(row.adapted_over_backbone)
-    assert result.int8["gate"] == GATE and result.int8["method"] == "dynamic"
+    assert result.int8["gate"] == {"kind": "gate", **GATE} and result.int8["method"] == "dynamic"
     speedups = result.int8["speedup_vs_onnxruntime_fp32"]
     assert set(speedups) == {"1", "3"} and all(_positive(x) for x in speedups.values())
     assert speedups["3"] == round(rows["onnxruntime", 3].adapted.median_ms

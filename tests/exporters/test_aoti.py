@@ -2,26 +2,57 @@
 and the FP16 and format checks that refuse before any work is done."""
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mmdeploy.runtime import pick_backend
+from mmdeploy.artifacts import Manifest, RunDir
+from mmdeploy.runtime import load_predictor, pick_backend
 
 
-def test_aoti_export_is_verified_and_recorded(aoti_run, tiny_run):
+def test_aoti_export_is_verified_and_recorded(aoti_run):
     manifest = json.loads((aoti_run / "export" / "manifest.json").read_text())
-    assert {"model.onnx", "model.pt2"} <= set(manifest["files"])
-    report = manifest["parity"]["aoti"]
-    assert report["passed"] and report["precision"] == "fp32"
+    assert set(manifest["exports"]) == {"onnx", "aoti"}
+    record = manifest["exports"]["aoti"]
+    assert list(record["files"]) == ["model.pt2"]
+    assert record["backend"] == "aoti" and record["device"] == "cpu"
+    report = record["check"]
+    assert report["passed"] and record["precision"] == report["precision"] == "fp32"
     assert report["criterion"] == {"max_abs": 1e-4, "min_cosine": None, "min_top1_agreement": 1.0}
-    assert {c["batch"] for c in report["checks"]} == {1, 7, 32}
+    assert {c["batch"] for c in report["checks"]} == {1, 7, 8}
     assert {c["inputs"] for c in report["checks"]} == {"random", "real"}
-    assert manifest["extra"]["aoti"]["device"] == "cpu"
-    assert manifest["extra"]["aoti"]["batch_range"] == {"min": 1, "max": 32}
+    assert [o["name"] for o in record["outputs"]] == ["logits", "embeddings"]
     # exporting another format leaves the earlier verified ONNX export as it was
-    before = json.loads((tiny_run / "export" / "manifest.json").read_text())
-    assert manifest["files"]["model.onnx"] == before["files"]["model.onnx"]
-    assert manifest["parity"]["onnxruntime"] == before["parity"]["onnxruntime"]
+    before = json.loads((aoti_run.parent / "manifest-before-aoti.json").read_text())
+    assert manifest["exports"]["onnx"] == before["exports"]["onnx"]
+
+
+def test_each_export_keeps_its_own_batch_range(aoti_run, tmp_path):
+    """ONNX exported at 1..64, then AOTInductor at 1..8: each record keeps its range (0.1.0
+    kept one range that the later export overwrote, capping the ONNX predictor and the
+    Triton config at 8)."""
+    manifest = Manifest.load(aoti_run / "export" / "manifest.json")
+    assert manifest.exports["onnx"].batch_range == {"min": 1, "opt": 8, "max": 64}
+    assert manifest.exports["aoti"].batch_range == {"min": 1, "opt": 4, "max": 8}
+
+    onnx, aoti = load_predictor(aoti_run, "onnxruntime"), load_predictor(aoti_run, "aoti")
+    assert (onnx.batch_range, aoti.batch_range) == ((1, 64), (1, 8))
+    height, width = onnx.preprocessor.image_size
+    pixels = np.random.default_rng(0).normal(size=(64, 3, height, width)).astype(np.float32)
+    assert onnx.run_pixels(pixels)["logits"].shape[0] == 64  # one call takes all 64
+    onnx_probs, _ = onnx.predict_pixels(pixels)
+    aoti_probs, _ = aoti.predict_pixels(pixels)  # eight chunks of 8
+    np.testing.assert_allclose(onnx_probs, aoti_probs, atol=1e-5)
+
+    pytest.importorskip("tritonclient", reason="the triton extra is not installed")
+    from mmdeploy.exporters.triton import parse_config, repository_name, write_repository
+
+    run = Path(shutil.copytree(aoti_run, tmp_path / "run"))  # the repository is recorded in it
+    repository = write_repository(run, tmp_path / "triton", log=lambda line: None)
+    config = parse_config(repository / repository_name(RunDir(run)) / "config.pbtxt")
+    assert config.max_batch_size == 64
 
 
 def test_verify_rechecks_both_backends(cli, aoti_run):

@@ -54,8 +54,8 @@ def passing_run(int8_export) -> Path:
 
 
 def assert_fp32_graph_kept(manifest: dict) -> None:
-    assert "int8" not in manifest["parity"]  # parity is FP32/FP16 only
-    assert "model.onnx" in manifest["files"]  # the FP32 graph was re-used, still served
+    onnx = manifest["exports"]["onnx"]  # the FP32 graph was re-used, still served
+    assert onnx["precision"] == "fp32" and "model.onnx" in onnx["files"]
 
 
 @pytest.mark.parametrize(("adapter", "method"), PASSING)
@@ -64,19 +64,21 @@ def test_int8_export_that_passes_the_gate_is_published(int8_export, adapter, met
     assert result.code == 0, str(result)
     manifest = manifest_of(run)
     assert_fp32_graph_kept(manifest)
-    record = manifest["extra"]["int8"]
-    gate = record["gate"]
-    assert gate["passed"] and gate["agreement"] >= gate["bounds"]["min_agreement"] == 0.99
+    record = manifest["exports"]["int8"]
+    assert (record["backend"], record["precision"]) == ("onnxruntime", "int8")
+    assert record["batch_range"] == manifest["exports"]["onnx"]["batch_range"]
+    gate, details = record["check"], record["details"]
+    assert gate["kind"] == "gate" and gate["passed"]
+    assert gate["agreement"] >= gate["bounds"]["min_agreement"] == 0.99
     assert gate["accuracy_drop_points"] <= gate["bounds"]["max_drop_points"] == 1.0
     assert gate["images"] > gate["labelled"] == 200  # validation split + real held-out
-    assert record["file"] == "model.int8.onnx" and record["method"] == method
-    assert "model.int8.onnx" in manifest["files"]
+    assert list(record["files"]) == ["model.int8.onnx"] and details["method"] == method
     assert not (run / "export" / "model.int8.onnx.failed").exists()
     if method == "static":  # the whole 4-shot training split (40 < 64)
-        assert record["calibration"] == {"images": 40, "method": "minmax", "seed": 0,
-                                         "split": "train"}
+        assert details["calibration"] == {"images": 40, "method": "minmax", "seed": 0,
+                                          "split": "train"}
     else:
-        assert record["calibration"] is None
+        assert details["calibration"] is None
     assert "passed the INT8 gate" in result.stdout and "passed the gate" in result.stdout
 
 
@@ -95,10 +97,10 @@ def test_int8_export_that_fails_the_gate_is_kept_aside(int8_export, cli, expect_
     assert not (export_dir / "model.int8.onnx").exists()
     manifest = manifest_of(run)
     assert_fp32_graph_kept(manifest)
-    assert "model.int8.onnx" not in manifest["files"] and "int8" not in manifest["extra"]
+    assert "int8" not in manifest["exports"]
     out = tmp_path / "p.jsonl"
     expect_error(cli(["infer", run, image_dir, "-o", out, "--precision", "int8"]),
-                 "no INT8 export")  # never served
+                 "no verified INT8 export")  # never served
 
 
 @pytest.mark.parametrize("run_fixture", ["tiny_run", "ganet_run"])
@@ -129,7 +131,7 @@ def test_infer_int8_agrees_with_fp32_on_real_files(int8_export, cli, image_dir, 
         labels[precision] = [json.loads(line)["label"] for line in out.read_text().splitlines()]
     n = len(labels["fp32"])
     changed = sum(a != b for a, b in zip(labels["fp32"], labels["int8"], strict=True))
-    bound = manifest_of(run)["extra"]["int8"]["gate"]["bounds"]["min_agreement"]
+    bound = manifest_of(run)["exports"]["int8"]["check"]["bounds"]["min_agreement"]
     # At the gate's rate: this many changed answers among n files is not unlikely (p >= 5%)
     # if each changes with probability 1 - bound (20 files at 99%: at most 1).
     assert n == 20 and binomial_tail(n, changed, 1 - bound) >= 0.05, (changed, n)
@@ -143,11 +145,12 @@ def binomial_tail(n: int, k: int, p: float) -> float:
 def test_serve_int8_makes_int8_the_default_and_fp32_stays_on_request(int8_export, cli,
                                                                     image_dir, tmp_path):
     run = passing_run(int8_export)
-    assert manifest_of(run)["extra"]["int8"]["serve_default"] is True
+    assert manifest_of(run)["exports"]["int8"]["details"]["serve_default"] is True
     default = cli(["infer", run, image_dir / "extra", "-o", tmp_path / "a.jsonl"])
     assert default.code == 0 and "precision int8" in default.stderr, str(default)
     info = cli(["info", run, "--json"])
-    assert json.loads(info.stdout)["int8"]["passed"] is True
+    int8 = json.loads(info.stdout)["exports"]["int8"]
+    assert int8["check"] == "gate" and int8["passed"] is True and int8["serve_default"]
     assert Classifier(run).backend.endswith(", int8")  # shown by the app and /health
     assert Classifier(run, precision="fp32").precision == "fp32"
 
@@ -206,6 +209,6 @@ def test_int8_needs_the_onnx_graph_and_int8_precision_needs_an_int8_export(
     expect_error(cli(["export", "--run", tiny_run, "--serve-int8"]), "--serve-int8 needs --int8")
     out = tmp_path / "p.jsonl"
     expect_error(cli(["infer", tiny_run, image_dir, "-o", out, "--precision", "int8"]),
-                 "no INT8 export")
+                 "no verified INT8 export")
     expect_error(cli(["infer", tiny_run, image_dir, "-o", out, "--precision", "int8",
                       "--backend", "torch"]), "INT8 is served by onnxruntime only")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmdeploy.artifacts import Manifest
+from mmdeploy.artifacts import ExportRecord, Manifest
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import BackendUnavailableError, ConfigError
 from mmdeploy.exporters import export, formats
@@ -44,10 +44,11 @@ def test_tensorrt_without_tensorrt_is_refused_before_anything_loads(monkeypatch)
 
 
 def _verified_onnx() -> Manifest:
-    manifest = Manifest()
-    manifest.files["model.onnx"] = {"sha256": "0" * 64, "size": 1}
-    manifest.parity["onnxruntime"] = {"precision": "fp32"}
-    return manifest
+    onnx = ExportRecord(backend="onnxruntime", precision="fp32",
+                        batch_range={"min": 1, "opt": 8, "max": 32},
+                        check={"kind": "parity", "passed": True},
+                        files={"model.onnx": {"sha256": "0" * 64, "size": 1}})
+    return Manifest(exports={"onnx": onnx})
 
 
 @pytest.mark.parametrize(("requested", "manifest", "expected"), [

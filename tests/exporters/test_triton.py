@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc", reason="the [triton] extra (tritonclient[grpc]) is "
                     "not installed")
 
-from mmdeploy.artifacts import Manifest, RunDir  # noqa: E402
+from mmdeploy.artifacts import ExportRecord, Manifest, RunDir  # noqa: E402
 from mmdeploy.errors import ArtifactError, ConfigError  # noqa: E402
 from mmdeploy.exporters import triton, triton_client  # noqa: E402
 from mmdeploy.runtime.onnxruntime import OnnxSession  # noqa: E402
@@ -23,10 +23,17 @@ from mmdeploy.runtime.tensorrt import EngineSidecar, Profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_run, tmp_path_factory, cli) -> Path:
+def triton_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the session run under the same folder name (the repository records itself
+    in the run's manifest)."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("triton-run") / tiny_run.name))
+
+
+@pytest.fixture(scope="module")
+def repository(triton_run, tmp_path_factory, cli) -> Path:
     """The session run's repository, written once through the CLI (read-only)."""
     out = tmp_path_factory.mktemp("triton") / "model_repository"
-    result = cli(["export", "--run", tiny_run, "--format", "triton", "--out", out])
+    result = cli(["export", "--run", triton_run, "--format", "triton", "--out", out])
     assert result.code == 0, str(result)
     assert "validated" in result.stdout
     return out
@@ -37,7 +44,11 @@ def editable(repository, tmp_path) -> Path:
     return Path(shutil.copytree(repository, tmp_path / "repo"))
 
 
-def test_repository_layout_and_config_match_the_export(repository, tiny_run):
+def test_repository_layout_and_config_match_the_export(repository, tiny_run, triton_run):
+    recorded = Manifest.load(RunDir(triton_run).manifest_path).exports["triton"]
+    assert recorded.backend == "triton" and recorded.passed and recorded.files == {}
+    assert recorded.details["repository"] == str(repository.resolve())
+    assert recorded.batch_range == {"min": 1, "opt": 8, "max": 32}
     name = tiny_run.name
     assert triton.validate_repository(repository) == [name]
     assert {p.name for p in repository.iterdir()} == {name, "README.md", "client.py"}
@@ -47,13 +58,14 @@ def test_repository_layout_and_config_match_the_export(repository, tiny_run):
     assert (model / "1" / "model.onnx").read_bytes() == \
         (RunDir(tiny_run).export_dir / "model.onnx").read_bytes()
     assert config.name == name and config.platform == "onnxruntime_onnx"
-    assert config.max_batch_size == manifest.extra["batch_range"]["max"] == 32
+    onnx = manifest.exports["onnx"]
+    assert config.max_batch_size == onnx.batch_range["max"] == 32
     (pixels,) = config.input
-    (image,) = manifest.inputs
+    (image,) = onnx.inputs
     assert pixels.name == image["name"] == "pixel_values"
     assert list(pixels.dims) == image["shape"][1:] == [3, 32, 32]
     outputs = {o.name: list(o.dims) for o in config.output}
-    assert outputs == {o["name"]: o["shape"][1:] for o in manifest.outputs}
+    assert outputs == {o["name"]: o["shape"][1:] for o in onnx.outputs}
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
     assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
     assert [g.count for g in config.instance_group] == [1]
@@ -145,10 +157,13 @@ def test_a_tensorrt_engine_becomes_a_second_model(run_copy, tmp_path):
     (run_dir.export_dir / engine).write_bytes(b"serialized engine bytes")
     EngineSidecar("10.13", "GPU", "9.0", Profile.for_batches(1, 8, 16, (32, 32)), "fp16",
                   manifest.files["model.onnx"]["sha256"]).save(run_dir.export_dir / sidecar)
+    record = ExportRecord(backend="tensorrt", precision="fp16", device="cuda",
+                          batch_range={"min": 1, "opt": 8, "max": 16},
+                          check={"kind": "parity", "passed": True},
+                          details={"engine": engine, "sidecar": sidecar})
     for name in (engine, sidecar):
-        manifest.add_file(run_dir.export_dir, name)
-    manifest.parity["tensorrt"] = {"precision": "fp16"}
-    manifest.extra["tensorrt"] = {"engine": engine, "sidecar": sidecar}
+        record.add_file(run_dir.export_dir, name)
+    manifest.exports["tensorrt"] = record
     manifest.save(run_dir.manifest_path)
 
     out = triton.write_repository(run_copy, tmp_path / "repo", log=lambda _: None)
@@ -167,19 +182,19 @@ def test_a_tensorrt_engine_becomes_a_second_model(run_copy, tmp_path):
 
 def test_a_batch_range_not_starting_at_one_is_refused(run_copy, tmp_path, cli, expect_error):
     manifest = Manifest.load(RunDir(run_copy).manifest_path)
-    manifest.extra["batch_range"]["min"] = 2
+    manifest.exports["onnx"].batch_range["min"] = 2
     manifest.save(RunDir(run_copy).manifest_path)
     result = cli(["export", "--run", run_copy, "--format", "triton", "--out", tmp_path / "r"])
     expect_error(result, "batch range starts at 2", "--batch-range 1,")
     assert not (tmp_path / "r").exists()
 
 
-def test_a_rewrite_replaces_the_repository_whole(repository, tmp_path, tiny_run):
+def test_a_rewrite_replaces_the_repository_whole(repository, tmp_path, triton_run):
     out = Path(shutil.copytree(repository, tmp_path / "repo"))
     (out / "stale.txt").write_text("from an earlier export")
-    triton.write_repository(tiny_run, out, log=lambda _: None)
+    triton.write_repository(triton_run, out, log=lambda _: None)
     assert not (out / "stale.txt").exists()
-    assert triton.validate_repository(out) == [tiny_run.name]
+    assert triton.validate_repository(out) == [triton_run.name]
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left
 
 

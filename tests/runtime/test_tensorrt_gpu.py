@@ -26,10 +26,11 @@ def test_engine_builds_passes_parity_and_serves(cli, trt_run, precision):
     result = cli(args + (["--fp16"] if precision == "fp16" else []))
     assert result.code == 0, str(result)
     manifest = json.loads((trt_run / "export" / "manifest.json").read_text())
-    assert manifest["parity"]["tensorrt"]["passed"]
-    assert manifest["parity"]["tensorrt"]["precision"] == precision
-    info = manifest["extra"]["tensorrt"]
-    assert info["engine"].endswith(f".{precision}.engine") and info["sidecar"] in manifest["files"]
+    record = manifest["exports"]["tensorrt"]
+    assert record["check"]["passed"] and record["precision"] == precision
+    assert record["device"] == "cuda" and record["batch_range"] == {"min": 1, "opt": 4, "max": 16}
+    info = record["details"]
+    assert info["engine"].endswith(f".{precision}.engine") and info["sidecar"] in record["files"]
     sidecar = json.loads((trt_run / "export" / info["sidecar"]).read_text())
     assert sidecar["profile"]["max"][0] == 16 and sidecar["precision"] == precision
     if precision == "fp16":
@@ -86,11 +87,12 @@ def test_export_int8_engine_through_the_cli_is_gated_and_verified(cli, trt_run):
     assert result.code == 0, str(result)
     assert "passed the accuracy gate" in result.stdout
     manifest = json.loads((trt_run / "export" / "manifest.json").read_text())
-    record = manifest["parity"]["tensorrt"]
-    assert record["precision"] == "int8" and record["passed"]
-    assert record["agreement"] >= record["bounds"]["min_agreement"]
-    assert "model.qdq.onnx" in manifest["files"]
-    assert "int8" not in manifest["extra"]  # no ONNX Runtime INT8 graph was asked for
+    record = manifest["exports"]["tensorrt"]
+    gate = record["check"]
+    assert record["precision"] == "int8" and gate["kind"] == "gate" and gate["passed"]
+    assert gate["agreement"] >= gate["bounds"]["min_agreement"]
+    assert "model.qdq.onnx" in record["files"]
+    assert "int8" not in manifest["exports"]  # no ONNX Runtime INT8 graph was asked for
     verified = cli(["verify", trt_run])
     assert verified.code == 0, str(verified)
     assert "tensorrt int8: passed the accuracy gate" in verified.stdout
