@@ -1,9 +1,14 @@
-"""A run: what was trained (adapter_config.json) and how to rebuild the model from it."""
+"""A run: what was trained (adapter_config.json) and how to rebuild the model from it.
+
+Reading a run imports no torch (batch inference's decode workers read one); building or
+loading its model does, through the backbone.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .artifacts import (
@@ -13,11 +18,13 @@ from .artifacts import (
     safetensors_metadata,
     sha256_file,
 )
-from .backbone import Backbone, load_backbone
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
 from .data import DEMO, Sample, Splits, load_labeled
 from .errors import ArtifactError, BackboneMismatchError, ConfigError, MmdeployError
 from .registry import adapter_class
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 @dataclass
@@ -107,6 +114,8 @@ def load_model(path: str | Path, backbone: Backbone | None = None):
     run_dir = RunDir(Path(path))
     run = load_run_config(run_dir)
     if backbone is None:
+        from .backbone import load_backbone
+
         backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     elif backbone.identity != run.backbone_identity:
         raise BackboneMismatchError(f"{path} was trained on another backbone")

@@ -1,14 +1,17 @@
-"""Listing inputs, decoding and preprocessing images, reading manifests and checking
-artifact hashes import no torch: batch inference's decode workers (Ray's tasks among them)
-start without paying for it. Only predictors and training import torch."""
+"""Listing inputs, decoding and preprocessing images, reading runs and manifests, checking
+artifact hashes, choosing a backend and batch inference's own modules import no torch: its
+decode workers (Ray's tasks among them) start without paying for it. Only predictors,
+models and training import torch."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-LIGHT_MODULES = ["mmdeploy.inference.inputs", "mmdeploy.inference.writers", "mmdeploy.data",
-                 "mmdeploy.images", "mmdeploy.artifacts", "mmdeploy.rows"]
+LIGHT_MODULES = ["mmdeploy.inference.inputs", "mmdeploy.inference.writers",
+                 "mmdeploy.inference.batch", "mmdeploy.inference.ray_engine", "mmdeploy.data",
+                 "mmdeploy.images", "mmdeploy.artifacts", "mmdeploy.rows", "mmdeploy.runs",
+                 "mmdeploy.runtime", "mmdeploy.runtime.base"]
 
 
 def test_input_decode_and_manifest_modules_import_no_torch():
