@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from mmdeploy.artifacts import RunDir, atomic_write_json, installed_versions
-from mmdeploy.backbone import load_backbone
+from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.errors import ConfigError, MmdeployError
 from mmdeploy.runs import RunConfig, load_model, load_run_config
@@ -188,12 +188,8 @@ def torch_runner(module: nn.Module, backend: str, device: str, precision: str,
     return Runner(backend, device, precision, run)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _eager_runners(deploy: nn.Module, wanted: set[str], skipped: dict) -> list[Runner]:
-    device = _device()
+    device = torch_device()
     runners = [torch_runner(deploy, "eager", device, "fp32")]
     if "compile" in wanted:
         runners.append(torch_runner(deploy, "compile", device, "fp32", compiled=True))
@@ -244,7 +240,7 @@ def _backbone_runner(frozen: nn.Module, backend: str, precision: str,
     if backend == "aoti":
         from mmdeploy.runtime.aoti import AotiPackage
 
-        device = _device()
+        device = torch_device()
         compile_aoti(frozen, workdir / "model.pt2", image_size, low, high, device, precision)
         return Runner(backend, device, precision,
                       AotiPackage(workdir / "model.pt2", device, precision))

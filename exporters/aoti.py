@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mmdeploy.errors import ConfigError
+from mmdeploy.interface import INPUT_NAME
+from mmdeploy.runtime.aoti import DTYPES
 
 from .onnx import quiet_exporter
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def fp16_problem(device: str) -> str | None:
@@ -53,7 +53,7 @@ def compile_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], batc
     started = time.perf_counter()
     with torch.no_grad(), quiet_exporter():
         program = torch.export.export(module, (sample,),
-                                      dynamic_shapes={"pixel_values": {0: batch}})
+                                      dynamic_shapes={INPUT_NAME: {0: batch}})
     exported = time.perf_counter()
     # Written straight to `path`: the caller compiles into export/.staging/, which is what
     # makes publishing atomic (the packager insists on a name ending in .pt2).

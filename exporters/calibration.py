@@ -18,14 +18,14 @@ from onnxruntime.quantization import CalibrationDataReader
 from mmdeploy.data import read_image
 from mmdeploy.errors import ArtifactError, ConfigError, InputError, MmdeployError
 from mmdeploy.images import Preprocessor
+from mmdeploy.interface import INPUT_NAME
 from mmdeploy.runs import RunConfig
 
-INPUT_NAME = "pixel_values"
 BATCH = 16  # images per calibration batch: bounds the intermediate outputs held at once
 
 
 class PixelReader(CalibrationDataReader):
-    """Preprocessed pixels [N, 3, H, W], fed in batches of `BATCH` as {"pixel_values": ...}.
+    """Preprocessed pixels [N, 3, H, W], fed in batches of `BATCH` as {INPUT_NAME: ...}.
 
     `rewind()` starts over, so one reader can serve several calibrations. `len()` counts
     batches and `set_range(start, end)` limits the reader to those batches: with ORT's

@@ -31,9 +31,10 @@ from mmdeploy.artifacts import (
     atomic_write_json,
     installed_versions,
 )
-from mmdeploy.backbone import load_backbone
+from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, ConfigError
+from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
@@ -53,7 +54,7 @@ def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportCon
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
     manifest = _existing_manifest(run_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     formats, quantize_onnx = _int8_targets(formats, config, manifest)
     plan = plan_formats(formats, config.fp16, device,
                         has_onnx=manifest.record("onnx") is not None,
@@ -210,10 +211,10 @@ def _interface(job: ExportJob, reference, cases) -> dict:
     with torch.inference_mode():
         logits, embeddings = reference(cases[0][1][:1])
     height, width = job.image_size
-    return {"inputs": [{"name": "pixel_values", "dtype": "float32",
+    return {"inputs": [{"name": INPUT_NAME, "dtype": "float32",
                         "shape": ["batch", 3, height, width]}],
             "outputs": [{"name": name, "dtype": "float32", "shape": ["batch", tensor.shape[1]]}
-                        for name, tensor in (("logits", logits), ("embeddings", embeddings))]}
+                        for name, tensor in zip(OUTPUT_NAMES, (logits, embeddings), strict=True)]}
 
 
 def _form_gap(reference, deploy, cases) -> float:

@@ -28,6 +28,8 @@ from mmdeploy.errors import MmdeployError, ParityError
 from mmdeploy.images import Preprocessor
 from mmdeploy.runs import RunConfig
 
+from .parity import row_cosines
+
 BACKEND = "onnxruntime int8"
 MAX_IMAGES = 1000  # spread over the validation split's classes; enough for 0.1% steps
 REAL_IMAGES = 32  # parity's real images (held-out, validation and test) added to them
@@ -176,18 +178,10 @@ def measure(data: GateData, logits: np.ndarray, bounds: GateBounds) -> GateRepor
         accuracy_int8 = float(np.mean((candidate[labelled].argmax(1) == truth)
                                       & finite[labelled]))
         drop = round((accuracy_fp32 - accuracy_int8) * 100, 6)
-    cosine = row_cosine(reference, candidate)
+    cosine = row_cosines(reference, candidate)
     return GateReport(
         agreement=float(agrees.mean()) if len(agrees) else 0.0,
         accuracy_fp32=accuracy_fp32, accuracy_int8=accuracy_int8, accuracy_drop_points=drop,
         cosine_min=float(cosine.min()) if len(cosine) else 1.0,
         cosine_mean=float(cosine.mean()) if len(cosine) else 1.0,
         images=len(data), labelled=int(labelled.sum()), bounds=bounds)
-
-
-def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row pair; a row with a NaN or an infinity scores -1."""
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = np.where(norms > 0, (a * b).sum(1) / norms, 1.0)
-    return np.where(np.isfinite(cosine) & np.isfinite(b).all(axis=1), cosine, -1.0)

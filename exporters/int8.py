@@ -55,7 +55,10 @@ from .precision import fp32_nodes, head_nodes
 METHODS = ("dynamic", "static")
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
-QUANTIZED_OPS = ("MatMul", "Gemm")
+# What ONNX Runtime's INT8 graph quantizes: the MatMuls and Gemms with a constant weight. The
+# patch-embedding Conv stays FP32 here; TensorRT's QDQ graph quantizes it too
+# (`precision.TENSORRT_INT8_OPS`).
+ORT_INT8_OPS = ("MatMul", "Gemm")
 MAX_GROUPS = 16
 MAX_FP32_SHARE = 0.5
 
@@ -74,7 +77,7 @@ def quantizable(model: onnx.ModelProto, excluded: list[str]) -> dict[str, int]:
     skip = set(excluded)
     work = {}
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS and node.name not in skip and node.input[1] in weights:
+        if node.op_type in ORT_INT8_OPS and node.name not in skip and node.input[1] in weights:
             dims = shapes.get(node.input[0], [])
             rows = int(np.prod([d for d in dims[1:-1] if isinstance(d, int) and d > 0]))
             work[node.name] = rows * weights[node.input[1]]
@@ -153,14 +156,14 @@ class Quantizer:
         started = time.perf_counter()
         with quiet_quantizer():
             if self.method == "dynamic":
-                quantize_dynamic(self.source, target, op_types_to_quantize=list(QUANTIZED_OPS),
+                quantize_dynamic(self.source, target, op_types_to_quantize=list(ORT_INT8_OPS),
                                  weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                                  per_channel=False)
             else:
                 self.calibration.rewind()
                 quantize_static(
                     self.source, target, self.calibration, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                    op_types_to_quantize=list(ORT_INT8_OPS), per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
                     calibrate_method=CALIBRATION_METHODS[self.calibrate_method],

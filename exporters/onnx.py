@@ -14,11 +14,10 @@ from torch import nn
 
 from mmdeploy.artifacts import atomic_output
 from mmdeploy.errors import MmdeployError
+from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 
 # Above this the protobuf's 2 GB limit is near: weights go to `model.onnx.data`.
 EXTERNAL_DATA_BYTES = 1 << 30
-INPUT_NAMES = ["pixel_values"]
-OUTPUT_NAMES = ["logits", "embeddings"]
 
 
 def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch_min: int,
@@ -34,8 +33,8 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
     with quiet_exporter():
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, opset_version=opset,
-            input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-            dynamic_shapes={"pixel_values": {0: batch}},
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={INPUT_NAME: {0: batch}},
             external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
     seconds = time.perf_counter() - started
     onnx.checker.check_model(str(path), full_check=True)

@@ -8,7 +8,7 @@
 |                                  | agreement >= 99.5%                                    |
 
 Figures are measured on every output (logits and embeddings); top-1 agreement on the logits.
-Non-finite values count as the worst possible figure (max abs inf, cosine -inf), so a NaN
+Non-finite values count as the worst possible figure (max abs inf, cosine -1), so a NaN
 never passes. The cases (`parity_inputs`) are fresh random pixels and real held-out images
 at batch 1, an odd batch and the largest of the profile (`parity_batches`); `export` and
 `verify` both check through `run_parity`.
@@ -131,20 +131,25 @@ def _max_abs(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(np.inf) if np.isnan(diff).any() else float(diff.max())
 
 
-def _min_row_cosine(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Smallest cosine similarity over rows; two all-zero rows agree (1.0), one does not (0.0),
-    a row with a NaN or an infinity scores -inf."""
+def row_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair (rows: the first axis), the one rule for parity and
+    the INT8 gate. Two all-zero rows agree (1.0), one all-zero row does not (0.0), and a row
+    with a NaN or an infinity on either side scores -1.0, the lowest a cosine can be: it fails
+    every bound, and a mean over rows stays a number."""
     a, b = _rows(ref), _rows(cand)
-    if a.size == 0:
-        return 1.0
     norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     cosine = np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0)
     nonzero = (norm_a > 0) & (norm_b > 0)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         cosine[nonzero] = np.sum(a * b, axis=1)[nonzero] / (norm_a * norm_b)[nonzero]
-    broken = ~(np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1))
-    cosine[broken] = -np.inf
-    return float(cosine.min())
+    broken = ~(np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1) & np.isfinite(cosine))
+    cosine[broken] = -1.0
+    return cosine
+
+
+def _min_row_cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    cosine = row_cosines(ref, cand)
+    return float(cosine.min()) if cosine.size else 1.0
 
 
 def _top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float:

@@ -41,7 +41,7 @@ NORMALISATION_OPS = frozenset({
 SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax", "Exp"})
 SCORE_OPS = frozenset({"MatMul", "Gemm"})  # where a router's or kNN's scores are made
 MASK_OPS = frozenset({"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Where"})
-QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")  # what TensorRT runs in INT8 between Q/DQ
+TENSORRT_INT8_OPS = ("MatMul", "Gemm", "Conv")  # what TensorRT runs in INT8 between Q/DQ
 # TensorRT layer types kept in FP32 whatever their name (the parser may fuse a node).
 PINNED_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX", "TOPK"})
 # Quantize/dequantize layers carry their own types: never pinned.
@@ -170,7 +170,7 @@ def int8_plan(model: onnx.ModelProto) -> Int8Plan:
     constants |= {out for n in nodes if n.op_type == "Constant" for out in n.output}
     int8, not_quantized = [], {}
     for node in nodes:
-        if node.op_type not in QUANTIZED_OPS:
+        if node.op_type not in TENSORRT_INT8_OPS:
             continue
         if node.name in pinned:
             not_quantized[node.name] = pinned[node.name]

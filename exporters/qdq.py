@@ -41,7 +41,7 @@ from mmdeploy.artifacts import sha256_file
 from mmdeploy.errors import ArtifactError, ConfigError
 
 from .int8 import quiet_quantizer
-from .precision import QUANTIZED_OPS, int8_plan
+from .precision import TENSORRT_INT8_OPS, int8_plan
 
 QDQ_FILE = "model.qdq.onnx"
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -157,13 +157,13 @@ def write_tensorrt_qdq(fp32_onnx: Path, out: Path, reader,
         quantize_static(
             str(fp32_onnx), str(written), reader, quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=quantized,
+            op_types_to_quantize=list(TENSORRT_INT8_OPS), nodes_to_quantize=quantized,
             use_external_data_format=external,
             extra_options={
                 "ActivationSymmetric": True, "WeightSymmetric": True,
                 "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "MatMul": 1},
                 "AddQDQPairToWeight": True, "QuantizeBias": False,
-                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                "OpTypesToExcludeOutputQuantization": list(TENSORRT_INT8_OPS),
                 "TensorQuantOverrides": per_tensor,
             })
         model = onnx.load(str(written), load_external_data=False)

@@ -19,6 +19,7 @@ import numpy as np
 
 from mmdeploy.errors import InputError
 from mmdeploy.images import Preprocessor, load_image
+from mmdeploy.interface import INPUT_NAME
 from mmdeploy.rows import error_row, prediction_row
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +55,7 @@ def request(pixels: np.ndarray):
     """The gRPC inputs and requested outputs for one batch of pixels."""
     import tritonclient.grpc as grpcclient
 
-    pixel_values = grpcclient.InferInput("pixel_values", list(pixels.shape), "FP32")
+    pixel_values = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "FP32")
     pixel_values.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
     return [pixel_values], [grpcclient.InferRequestedOutput("logits")]
 

@@ -32,6 +32,11 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures
                          "torch_dtype", "_attn_implementation_autoset", "output_hidden_states"}
 
 
+def torch_device() -> str:
+    """Where torch models run on this machine: "cuda" when torch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MMDEPLOY_CACHE", Path.home() / ".cache" / "mm-peft-deploy"))
 

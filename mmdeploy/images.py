@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, InputError
+from .interface import INPUT_NAME
 
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest width x height we decode; bigger images are refused (decompression-bomb guard)."""
@@ -260,7 +261,7 @@ class Preprocessor:
             return np.zeros((0, 3, *self._size), dtype=np.float32)
         for number, image in enumerate(images, start=1):
             self.check(image, f"image {number}")
-        pixels = self._processor(images=list(images), return_tensors="np")["pixel_values"]
+        pixels = self._processor(images=list(images), return_tensors="np")[INPUT_NAME]
         return np.ascontiguousarray(pixels, dtype=np.float32)
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmdeploy.artifacts import RunDir, load_safetensors, save_safetensors
-from mmdeploy.backbone import Backbone
+from mmdeploy.backbone import Backbone, torch_device
 from mmdeploy.data import Sample, Splits, read_image
 from mmdeploy.errors import MmdeployError
 from mmdeploy.runs import RunConfig, build_model
@@ -102,7 +102,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     cfg = run.train
     torch.manual_seed(cfg.seed)
     model = build_model(run, backbone)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     model.to(device)
     train_split = preprocess(splits.train, backbone, "decode train")
     val_split = preprocess(splits.val, backbone, "decode val")

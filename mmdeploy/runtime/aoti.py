@@ -11,7 +11,7 @@ from ..errors import ArtifactError, BackendUnavailableError
 from .base import Predictor
 
 PACKAGE_FILE = "model.pt2"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # a package's precision -> dtype
 
 
 def device_problem(device: str) -> str | None:
@@ -27,7 +27,7 @@ class AotiPackage:
     def __init__(self, path: Path, device: str, precision: str):
         if problem := device_problem(device):
             raise BackendUnavailableError("aoti", problem)
-        self.device, self.precision, self.dtype = device, precision, _DTYPES[precision]
+        self.device, self.precision, self.dtype = device, precision, DTYPES[precision]
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as exc:  # the loader raises untyped errors for a bad package

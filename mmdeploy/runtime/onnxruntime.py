@@ -10,11 +10,11 @@ import numpy as np
 
 from ..backbone import default_cache_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError
+from ..interface import INPUT_NAME
 from .base import Predictor
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the quantized graph, published only when it passed its gate
-INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "int8")
 
 

@@ -27,9 +27,9 @@ from ..errors import (
     EngineIncompatibleError,
     InputError,
 )
+from ..interface import INPUT_NAME
 from .base import Predictor
 
-INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

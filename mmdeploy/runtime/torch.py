@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backbone import torch_device
 from ..runs import load_model
 from .base import Predictor
 
@@ -18,7 +19,7 @@ class TorchPredictor(Predictor):
 
     def __init__(self, run_path: str | Path, device: str | None = None):
         super().__init__(run_path)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or torch_device()
         self.model, _ = load_model(run_path)
         self.model.to(self.device)
 
