@@ -105,5 +105,5 @@ def prepare_run(out: Path, adapter: str, batches: list[int],
     config = ExportConfig(formats=formats, batch_min=min(batches), batch_opt=min(batches),
                           batch_max=max(max(batches), 2), int8="dynamic", gate_agreement=0.0,
                           gate_drop=100.0)
-    export_run(out, config.formats, config, log=log)
+    export_run(out, config, log=log)
     return out

@@ -16,10 +16,11 @@ files and hashes, backend, precision, interface, its own batch range and its che
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,68 +34,51 @@ from mmdeploy.artifacts import (
 )
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
-from mmdeploy.errors import ArtifactError, ConfigError
+from mmdeploy.errors import ArtifactError
 from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
 from .calibration import PixelReader, calibration_reader
-from .formats import FORMATS, ExportJob, plan_formats
+from .formats import FORMATS, ExportJob, plan_export
 from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
 from .int8 import Quantizer, quantize_gated
 from .parity import parity_batches, parity_inputs, run_parity
+from .triton import write_repository
 
 _VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
               "onnxruntime-gpu", "tensorrt")
 
 
-def export_run(run_path: str | Path, formats: tuple[str, ...], config: ExportConfig,
+def export_run(run_path: str | Path, config: ExportConfig,
                log: Callable[[str], None] = print) -> Manifest:
-    """Export `formats` of a run; each is published only once it passes parity."""
+    """Export a run as `config` asks (`formats.plan_export`): each format, then what is
+    derived from the verified ONNX graph; each published only once it passes its check."""
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
     manifest = _existing_manifest(run_dir)
     device = torch_device()
-    formats, quantize_onnx = _int8_targets(formats, config, manifest)
-    plan = plan_formats(formats, config.fp16, device,
-                        has_onnx=manifest.record("onnx") is not None,
-                        int8=config.int8 is not None)
-    for fmt, precision in plan:
+    plan = plan_export(config, manifest.record("onnx") is not None, device)
+    for fmt, precision in plan.formats:
         log(f"will export {fmt} ({precision})")
-    if quantize_onnx:
+    if plan.int8:
         log(f"will quantize {ONNX_FILE} to INT8 ({config.int8})")
-    log(f"loading {run.adapter} run {run_dir.root}")
-    reference, _ = load_model(run_dir.root)
-    preprocessor = reference.backbone.preprocessor
-    calibration = None
-    if quantize_onnx and config.int8 == "static":  # a calibration that cannot work fails first
-        calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
-    if plan:
-        _export_formats(plan, run_dir, run, config, reference, manifest, device, log)
-    if quantize_onnx:
-        _export_int8(run_dir, run, reference, config, manifest, calibration, log)
-        manifest.save(run_dir.manifest_path)
+    if plan.formats or plan.int8:
+        log(f"loading {run.adapter} run {run_dir.root}")
+        reference, _ = load_model(run_dir.root)
+        preprocessor = reference.backbone.preprocessor
+        calibration = None
+        if plan.int8 and config.int8 == "static":  # a calibration that cannot work fails first
+            calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
+        if plan.formats:
+            _export_formats(plan.formats, run_dir, run, config, reference, manifest, device, log)
+        if plan.int8:
+            _export_int8(run_dir, run, reference, config, manifest, calibration, log)
+            manifest.save(run_dir.manifest_path)
+    if plan.triton:
+        write_repository(run_dir.root, config.triton_out, log)
+        manifest = Manifest.load(run_dir.manifest_path)  # with the repository's record
     return manifest
-
-
-def _int8_targets(formats: tuple[str, ...], config: ExportConfig,
-                  manifest: Manifest) -> tuple[tuple[str, ...], bool]:
-    """The formats to export, and whether to quantize the ONNX graph for ONNX Runtime.
-
-    `--int8` with onnx (or with no format: the run's verified model.onnx, exported first if
-    it has none) makes model.int8.onnx; with tensorrt it builds a TensorRT INT8 engine.
-    """
-    if not config.int8:
-        return formats, False
-    if "onnx" in formats:
-        return formats, True
-    if "tensorrt" in formats:
-        return formats, False
-    if formats:
-        raise ConfigError("--int8 quantizes the ONNX graph (onnx) or builds a TensorRT INT8 "
-                          "engine (tensorrt): add one to --format, or leave --format out to "
-                          "quantize the run's verified model.onnx")
-    return (() if manifest.record("onnx") is not None else ("onnx",)), True
 
 
 def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig,
@@ -143,10 +127,7 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
             log(f"int8: ranking on the gate's images instead ({exc})")
             return data.pixels
 
-    staging = export_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with _staging(export_dir) as staging:
         with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
             quantizer = Quantizer(export_dir / ONNX_FILE, config.int8, Path(work), calibration,
                                   config.calib_method)
@@ -161,8 +142,6 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
             opset=onnx.opset, versions=installed_versions(_VERSIONED),
             details={**result.details(), "serve_default": config.serve_int8})
         _publish(staging, export_dir, record, [INT8_FILE])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     manifest.exports["int8"] = record
     log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
         f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
@@ -172,10 +151,7 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
 def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifest) -> None:
     """Build into export/.staging/, check parity, then publish or keep aside."""
     export_dir = job.run_dir.export_dir
-    staging = export_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with _staging(export_dir) as staging:
         built = FORMATS[fmt].build(job, staging)
         if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
             job.log(f"checking {built.backend} int8 against the accuracy gate")
@@ -199,8 +175,6 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
             opset=interface.get("opset"), versions=installed_versions(_VERSIONED),
             details=built.details)
         _publish(staging, export_dir, record, built.files)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     manifest.exports[fmt] = record
     job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
 
@@ -229,6 +203,19 @@ def _existing_manifest(run_dir: RunDir) -> Manifest:
         return Manifest.load(run_dir.manifest_path)
     except ArtifactError:
         return Manifest()  # unreadable: start afresh, the files it named are re-exported
+
+
+@contextlib.contextmanager
+def _staging(export_dir: Path) -> Iterator[Path]:
+    """An empty `export/.staging/` for one export's files, removed afterwards whatever
+    happens: what passed its check has been moved into export/ by then."""
+    staging = export_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:

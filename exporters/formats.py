@@ -1,10 +1,12 @@
-"""The export formats: format name -> how to build it into the staging folder.
+"""The export formats: format name -> how to build it into the staging folder; and the plan
+of one `mmdeploy export` (`plan_export`).
 
 Each builder gets the deploy form and an empty staging folder, writes its files there and
 returns what the shared path in `export.py` needs: the files to publish, a callable that
 runs them (for parity) and the facts to record in the manifest. Staging, parity, keeping a
 failed export aside and publishing are the same for every format. A new format is one
-builder and one line in `FORMATS`.
+builder and one line in `FORMATS`. After the formats come the exports derived from the
+verified ONNX graph (`DERIVED`): ONNX Runtime's INT8 graph and a Triton repository.
 """
 
 from __future__ import annotations
@@ -126,6 +128,58 @@ FORMATS: dict[str, Format] = {
     "aoti": Format("aoti", _build_aoti, fp16_problem),
     "tensorrt": Format("tensorrt", _build_tensorrt, lambda device: None, needs_onnx=True),
 }
+
+
+DERIVED = ("int8", "triton")
+"""Made from the verified ONNX graph once the formats are published, in this order."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What one `export_run` does, in order: each format at its precision, then the derived
+    exports: quantize the ONNX graph to INT8 (`int8`), write a Triton repository (`triton`)."""
+
+    formats: list[tuple[str, str]]
+    int8: bool
+    triton: bool
+
+
+def plan_export(config: ExportConfig, has_onnx: bool, device: str) -> ExportPlan:
+    """The plan for `config` on a run that has (`has_onnx`) a verified ONNX export or not,
+    checked before anything is loaded or built: the derived exports bring in the ONNX export
+    when the run has none, and a missing extra is said first."""
+    requested = tuple(config.formats)
+    triton = "triton" in requested
+    formats = tuple(f for f in requested if f != "triton")
+    if triton:
+        from .triton import model_config_pb2
+
+        model_config_pb2()  # the [triton] extra missing: one line, before anything is built
+    formats, int8 = _int8_targets(formats, config, has_onnx)
+    if triton and not has_onnx and "onnx" not in formats:
+        formats = ("onnx", *formats)
+    return ExportPlan(plan_formats(formats, config.fp16, device, has_onnx,
+                                   int8=config.int8 is not None), int8, triton)
+
+
+def _int8_targets(formats: tuple[str, ...], config: ExportConfig,
+                  has_onnx: bool) -> tuple[tuple[str, ...], bool]:
+    """The formats to export, and whether to quantize the ONNX graph for ONNX Runtime.
+
+    `--int8` with onnx (or with no format: the run's verified model.onnx, exported first if
+    it has none) makes model.int8.onnx; with tensorrt it builds a TensorRT INT8 engine.
+    """
+    if not config.int8:
+        return formats, False
+    if "onnx" in formats:
+        return formats, True
+    if "tensorrt" in formats:
+        return formats, False
+    if formats:
+        raise ConfigError("--int8 quantizes the ONNX graph (onnx) or builds a TensorRT INT8 "
+                          "engine (tensorrt): add one to --format, or leave --format out to "
+                          "quantize the run's verified model.onnx")
+    return (() if has_onnx else ("onnx",)), True
 
 
 def plan_formats(formats: tuple[str, ...], fp16: bool, device: str,

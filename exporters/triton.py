@@ -389,16 +389,3 @@ Call it from Python with the toolkit's own preprocessing
 is recorded in `{name}/mmdeploy.json`), sends `pixel_values` [batch, 3, H, W] FP32 over gRPC
 and prints one JSON row per image, like `mmdeploy infer`.
 """
-
-
-def split_formats(formats: tuple[str, ...], run_path: str | Path) -> tuple[tuple[str, ...], bool]:
-    """`--format` without `triton`, plus onnx when the repository needs a graph the run has
-    not exported yet; and whether a repository was asked for."""
-    if "triton" not in formats:
-        return formats, False
-    rest = tuple(f for f in formats if f != "triton")
-    manifest_path = RunDir(Path(run_path)).manifest_path
-    has_onnx = manifest_path.is_file() and ONNX_FILE in Manifest.load(manifest_path).files
-    if not has_onnx and "onnx" not in rest:
-        rest = ("onnx", *rest)
-    return rest, True

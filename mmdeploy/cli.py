@@ -193,29 +193,25 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     from .artifacts import RunDir
     from .config import ExportConfig
     from .exporters.export import export_run
-    from .exporters.triton import model_config_pb2, split_formats, write_repository
     from .runs import load_run_config
 
     run = load_run_config(RunDir(run_path))
     if adapter is not None and adapter != run.adapter:
         raise ConfigError(f"{run_path} holds a {run.adapter!r} adapter, not {adapter!r}")
     low, opt, high = _batch_range(batch_range)
-    wanted, triton = split_formats(tuple(f.strip() for f in formats.split(",")), run_path)
-    if triton:
-        model_config_pb2()  # say which extra is missing before exporting anything
+    requested = tuple(f.strip() for f in formats.split(","))
     if int8 and click.get_current_context().get_parameter_source(
             "formats") is click.core.ParameterSource.DEFAULT:
-        wanted = ()  # quantize the run's verified model.onnx
-    if wanted or int8:
-        config = ExportConfig(formats=wanted, batch_min=low, batch_opt=opt, batch_max=high,
-                              target=target, fp16=fp16, int8=int8, calib=calib,
-                              calib_method=calib_method, gate_agreement=gate_agreement,
-                              gate_drop=gate_drop, serve_int8=serve_int8)
-        manifest = export_run(run_path, config.formats, config, log=click.echo)
-        click.echo(f"exported {', '.join(sorted(manifest.files))} -> "
-                   f"{RunDir(run_path).export_dir}")
-    if triton:
-        repository = write_repository(run_path, triton_out, log=click.echo)
+        requested = ()  # quantize the run's verified model.onnx
+    config = ExportConfig(formats=requested, batch_min=low, batch_opt=opt, batch_max=high,
+                          target=target, fp16=fp16, int8=int8, calib=calib,
+                          calib_method=calib_method, gate_agreement=gate_agreement,
+                          gate_drop=gate_drop, serve_int8=serve_int8,
+                          triton_out=None if triton_out is None else str(triton_out))
+    manifest = export_run(run_path, config, log=click.echo)
+    click.echo(f"exported {', '.join(sorted(manifest.files))} -> {RunDir(run_path).export_dir}")
+    if "triton" in requested:
+        repository = manifest.exports["triton"].details["repository"]
         click.echo(f"Triton model repository (validated) -> {repository}")
 
 

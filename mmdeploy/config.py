@@ -128,7 +128,10 @@ class TrainConfig(ConfigBase):
 
 @dataclass
 class ExportConfig(ConfigBase):
+    # onnx, aoti, tensorrt, and triton (a Triton repository of the verified exports, written
+    # to `triton_out`, default RUN/triton); none with `int8`: quantize the run's model.onnx.
     formats: tuple[str, ...] = ("onnx",)
+    triton_out: str | None = None
     batch_min: int = 1
     batch_opt: int = 8
     batch_max: int = 32

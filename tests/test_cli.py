@@ -218,6 +218,23 @@ def test_infer_without_export_falls_back_to_torch_and_says_why(cli, run_copy, im
     assert len(read_rows(out)) == 5
 
 
+def test_a_run_exported_by_0_1_0_is_served_by_torch_until_re_exported(cli, run_copy, image_dir,
+                                                                      tmp_path):
+    """A 0.1.0 manifest (one batch range for every format) is refused in one line that says
+    to re-export; PyTorch serves meanwhile, and `export` writes a format-2 manifest."""
+    fixture = Path(__file__).parent / "fixtures" / "manifest-0.1.0.json"
+    shutil.copy(fixture, run_copy / "export" / "manifest.json")
+    result = cli(["infer", run_copy, image_dir / "extra", "-o", tmp_path / "old.jsonl"])
+    assert result.code == 0, str(result)
+    assert "backend: torch" in result.stderr
+    assert "not using onnxruntime: " in result.stderr and "re-export the run" in result.stderr
+    assert cli(["export", "--run", run_copy, "--format", "onnx"]).code == 0
+    manifest = json.loads((run_copy / "export" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and set(manifest["exports"]) == {"onnx"}
+    result = cli(["infer", run_copy, image_dir / "extra", "-o", tmp_path / "new.jsonl"])
+    assert "backend: onnxruntime" in result.stderr
+
+
 def test_infer_glob_and_single_file(cli, tiny_run, image_dir, tmp_path):
     out = tmp_path / "glob.jsonl"
     pattern = str(image_dir / "**" / "*.jpg")

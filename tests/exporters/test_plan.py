@@ -7,7 +7,7 @@ import pytest
 from mmdeploy.artifacts import ExportRecord, Manifest
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import BackendUnavailableError, ConfigError
-from mmdeploy.exporters import export, formats
+from mmdeploy.exporters import formats
 
 
 @pytest.fixture
@@ -58,10 +58,11 @@ def _verified_onnx() -> Manifest:
     (("tensorrt",), _verified_onnx(), (("tensorrt",), False)),  # a TensorRT INT8 engine
 ])
 def test_what_int8_quantizes(requested, manifest, expected):
-    assert export._int8_targets(requested, ExportConfig(int8="dynamic"), manifest) == expected
-    assert export._int8_targets(requested, ExportConfig(), manifest) == (requested, False)
+    has_onnx = manifest.record("onnx") is not None
+    assert formats._int8_targets(requested, ExportConfig(int8="dynamic"), has_onnx) == expected
+    assert formats._int8_targets(requested, ExportConfig(), has_onnx) == (requested, False)
 
 
 def test_int8_with_only_aoti_is_refused():
     with pytest.raises(ConfigError, match="add one to --format"):
-        export._int8_targets(("aoti",), ExportConfig(int8="dynamic"), Manifest())
+        formats._int8_targets(("aoti",), ExportConfig(int8="dynamic"), has_onnx=False)

@@ -16,8 +16,9 @@ pytest.importorskip("tritonclient.grpc", reason="the [triton] extra (tritonclien
                     "not installed")
 
 from mmdeploy.artifacts import ExportRecord, Manifest, RunDir  # noqa: E402
+from mmdeploy.config import ExportConfig  # noqa: E402
 from mmdeploy.errors import ArtifactError, ConfigError  # noqa: E402
-from mmdeploy.exporters import triton, triton_client  # noqa: E402
+from mmdeploy.exporters import formats, triton, triton_client  # noqa: E402
 from mmdeploy.runtime.onnxruntime import OnnxSession  # noqa: E402
 from mmdeploy.runtime.tensorrt import EngineSidecar, Profile  # noqa: E402
 
@@ -198,11 +199,14 @@ def test_a_rewrite_replaces_the_repository_whole(repository, tmp_path, triton_ru
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no staging folder left
 
 
-def test_triton_brings_in_the_onnx_export_it_needs(tmp_path, tiny_run):
-    assert triton.split_formats(("onnx", "aoti"), tiny_run) == (("onnx", "aoti"), False)
-    assert triton.split_formats(("triton",), tiny_run) == ((), True)
-    fresh = tmp_path / "fresh"  # a trained run that has not been exported
-    assert triton.split_formats(("triton", "aoti"), fresh) == (("onnx", "aoti"), True)
+def test_triton_brings_in_the_onnx_export_it_needs():
+    def plan(requested, has_onnx):
+        made = formats.plan_export(ExportConfig(formats=requested), has_onnx, "cpu")
+        return [fmt for fmt, _ in made.formats], made.triton
+
+    assert plan(("onnx", "aoti"), True) == (["onnx", "aoti"], False)
+    assert plan(("triton",), True) == ([], True)  # the run's verified graph is enough
+    assert plan(("triton", "aoti"), False) == (["onnx", "aoti"], True)  # not exported yet
 
 
 def test_without_the_extra_the_command_names_it(run_copy, tmp_path, cli, expect_error,
