@@ -105,8 +105,11 @@ class Backbone(nn.Module):
         return self.pool_image(self.vision(pixel_values=pixel_values))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                   return_token_type_ids=False))
+        """Token ids and attention mask, on the text tower's device."""
+        device = next(self.text.parameters()).device
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                return_token_type_ids=False)
+        return {name: tensor.to(device) for name, tensor in tokens.items()}
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         """Pooled text features and all hidden states ([embeddings, block 1, ..., block N])."""

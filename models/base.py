@@ -41,7 +41,11 @@ class AdaptedModel(nn.Module):
         self.config = config
         self.class_names = list(class_names)
         self.prompts = [prompt_template.format(name) for name in self.class_names]
-        self.prompt_tokens = backbone.tokenize(self.prompts)
+        # Buffers, so that `.to(device)` moves them with the model (not saved: rebuilt here).
+        tokens = backbone.tokenize(self.prompts)
+        self.register_buffer("prompt_input_ids", tokens["input_ids"], persistent=False)
+        self.register_buffer("prompt_attention_mask", tokens["attention_mask"], persistent=False)
+        self._prompt_cache: tuple | None = None
         self.deployed = False
         self.text_loras: nn.ModuleDict | None = None
         if self.uses_cosine_head:
@@ -88,15 +92,29 @@ class AdaptedModel(nn.Module):
         pooled, _ = self.encode_prompts()
         return F.normalize(pooled, dim=-1)
 
+    @property
+    def prompt_tokens(self) -> dict[str, torch.Tensor]:
+        """The class prompts as the text tower takes them."""
+        return {"input_ids": self.prompt_input_ids, "attention_mask": self.prompt_attention_mask}
+
+    def clear_caches(self) -> None:
+        """Forget what was computed from the frozen towers (recomputed when next needed)."""
+        self._prompt_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moving the model (`.to`, `.cuda`, `.half`) moves its parameters and buffers; the
+        caches, computed on the old device, are dropped."""
+        self.clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
     def encode_prompts(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Pooled prompt features [C, D] and the text tower's hidden states, per block.
 
         Recomputed on every call while a text-tower LoRA is attached (it may be training);
         cached otherwise, since the frozen tower gives the same answer every time.
         """
-        cached = getattr(self, "_prompt_cache", None)
-        if cached is not None:
-            return cached
+        if self._prompt_cache is not None:
+            return self._prompt_cache
         grad = self.text_loras is not None and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             result = self.backbone.encode_text(self.prompt_tokens)
@@ -117,7 +135,7 @@ class AdaptedModel(nn.Module):
         if self.text_loras is not None:
             merge_lora(self.backbone.text, self.text_loras)
             self.text_loras = None
-        self._prompt_cache = None
+        self.clear_caches()
         self.backbone.text = None  # serving runs no text tower
         self.deployed = True
         return self

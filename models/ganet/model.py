@@ -94,6 +94,10 @@ class GANetModel(AdaptedModel):
                            f"{expected[1]}]")
         self.set_bank(nodes.to(self.bank_nodes))
 
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._caption_cache = {}
+
     # -- the forward pass ------------------------------------------------------------------
     def caption_features(self, captions: list[str] | None, batch: int) -> torch.Tensor:
         """Text features [B, Dt] of the samples' captions ("" or None: the empty caption);
