@@ -119,6 +119,8 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
                        test_per_class=test_per_class, split_seed=split_seed),
             TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                         seed=seed, ewc_lambda=ewc_lambda), overwrite=overwrite)
+        for note in prepared.notes:
+            click.echo(f"note: adapter {adapter!r}: {note}", err=True)
     result = run_training(prepared, resume=resume)
     run = prepared.run
     share = result.parameters["trainable_share"]

@@ -11,7 +11,7 @@ and adapters switch to their export-friendly form.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,27 @@ class AdaptedModel(nn.Module):
                                 or backbone.image_embed_dim != backbone.text_embed_dim)
             self.image_to_text = (nn.Linear(backbone.image_embed_dim, backbone.text_embed_dim)
                                   if needs_projection else None)
+
+    @classmethod
+    def fitted_defaults(cls, backbone: Backbone) -> dict[str, tuple[Any, str]]:
+        """For each option whose default depends on the backbone: the default fitted to
+        `backbone` and why (e.g. clamped to its depth). None by default."""
+        return {}
+
+    @classmethod
+    def fit_options(cls, backbone: Backbone,
+                    typed: dict[str, Any]) -> tuple[ConfigBase, list[str]]:
+        """The adapter's config on `backbone`: the options the user typed as they are (an
+        unfitting one is refused when the model is built), every other at its default fitted
+        to the tower; and one note for each default changed."""
+        defaults = cls.config_class()
+        values, notes = dict(typed), []
+        for name, (fitted, reason) in cls.fitted_defaults(backbone).items():
+            default = getattr(defaults, name)
+            if name not in typed and fitted != default:
+                values[name] = fitted
+                notes.append(f"{name} = {fitted} (the default {default} {reason})")
+        return cls.config_class.from_dict(values), notes
 
     # -- implemented by each adapter -------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor,

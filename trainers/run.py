@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdeploy.artifacts import RunDir, atomic_write_json, sha256_file
@@ -17,20 +17,25 @@ from .loop import TrainResult, train
 
 @dataclass
 class PreparedRun:
-    """A run directory with its config, and the backbone and data it trains on."""
+    """A run directory with its config, and the backbone and data it trains on; `notes`
+    says which adapter defaults were fitted to the backbone."""
 
     run_dir: RunDir
     run: RunConfig
     backbone: Backbone
     splits: Splits
+    notes: list[str] = field(default_factory=list)
 
 
 def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: BackboneConfig,
             data_config: DataConfig, train_config: TrainConfig,
             overwrite: bool = False) -> PreparedRun:
-    """Check everything, then create the run directory and its `adapter_config.json`."""
-    adapter_config = adapter_class(adapter).config_class.from_dict(adapter_options)
+    """Check everything, then create the run directory and its `adapter_config.json`.
+    `adapter_options` are the options the user gave; the others take their defaults, fitted
+    to the backbone (`AdaptedModel.fit_options`)."""
+    adapter_class(adapter).config_class.from_dict(adapter_options)  # a bad option fails first
     backbone = load_backbone(backbone_config)
+    adapter_config, notes = adapter_class(adapter).fit_options(backbone, adapter_options)
     splits = data_config.splits()  # an impossible split fails before anything is written
     run_dir = RunDir(Path(out))
     run_dir.prepare_new(overwrite)
@@ -39,7 +44,7 @@ def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: Bac
                     data=data_config, train=train_config, class_names=splits.class_names,
                     preprocessing=backbone.preprocessor.to_dict())
     atomic_write_json(run_dir.config_path, run.to_dict())
-    return PreparedRun(run_dir, run, backbone, splits)
+    return PreparedRun(run_dir, run, backbone, splits, notes)
 
 
 def existing_run(out: Path) -> PreparedRun:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,6 +44,19 @@ class LoRAModel(AdaptedModel):
     """LoRA on the image tower's attention; merged into the frozen weights for export."""
 
     config_class = LoRAConfig
+
+    @classmethod
+    def fitted_defaults(cls, backbone: Backbone) -> dict[str, tuple[Any, str]]:
+        """The default targets (the attention's query and value in CLIP and BERT-style
+        towers) when the tower has any of them; else the Linear layers of its attention
+        modules (a fused `qkv`, say)."""
+        linears = {name.split(".")[-1]: name for name, module in backbone.vision.named_modules()
+                   if isinstance(module, nn.Linear)}
+        if any(target in linears for target in LoRAConfig.targets):
+            return {}
+        attention = tuple(sorted(last for last, name in linears.items()
+                                 if "attn" in name or "attention" in name))
+        return {"targets": (attention, "names no Linear layer of this image tower")}
 
     def __init__(self, backbone: Backbone, config: LoRAConfig, class_names: list[str],
                  prompt_template: str):

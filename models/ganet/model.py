@@ -16,6 +16,7 @@ zero-initialised up-projection the untrained model equals the frozen one.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,12 @@ class GANetModel(AdaptedModel):
     uses_cosine_head = False
     uses_captions = True
     needs_bank = True
+
+    @classmethod
+    def fitted_defaults(cls, backbone: Backbone) -> dict[str, tuple[Any, str]]:
+        width = backbone.image_embed_dim + backbone.text_embed_dim
+        return {"rank": (min(GANetConfig.rank, width),
+                         f"is wider than the {width}-wide node features it is a bottleneck of")}
 
     def __init__(self, backbone: Backbone, config: GANetConfig, class_names: list[str],
                  prompt_template: str):

@@ -17,6 +17,7 @@ images alone).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,12 @@ TEXT_LORA_TARGETS = ("q_proj", "v_proj", "query", "value")
 
 class HMMoEModel(AdaptedModel):
     config_class = HMMoEConfig
+
+    @classmethod
+    def fitted_defaults(cls, backbone: Backbone) -> dict[str, tuple[Any, str]]:
+        depth = len(backbone.vision_blocks())
+        return {"num_layers": (min(HMMoEConfig.num_layers, depth),
+                               f"is more than the image tower's {depth} blocks")}
 
     def __init__(self, backbone: Backbone, config: HMMoEConfig, class_names: list[str],
                  prompt_template: str):
