@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import BackboneConfig
 from .errors import BackboneMismatchError, ConfigError
+from .hub import is_hub_id, resolve
 from .images import Preprocessor
 
 TINY_IMAGE_SIZE = 32
@@ -145,16 +146,35 @@ def load_backbone(config: BackboneConfig, expected_identity: dict | None = None)
         if not (path / "config.json").exists():
             build_tiny_clip(path, seed=config.tiny_seed)
         backbone = _load_dirs(config, path, None)
-    elif "," in config.spec:
-        vision_dir, text_dir = (Path(p.strip()) for p in config.spec.split(",", 1))
-        backbone = _load_dirs(config, vision_dir, text_dir)
     else:
-        backbone = _load_dirs(config, Path(config.spec), None)
+        folders, revisions = _checkpoint_dirs(config.spec)
+        backbone = _load_dirs(config, *folders) if len(folders) == 2 else \
+            _load_dirs(config, folders[0], None)
+        if revisions:  # what a hub id resolved to is part of what the run was trained on
+            backbone.identity = {**backbone.identity, "revisions": revisions}
     if expected_identity is not None and backbone.identity != expected_identity:
         raise BackboneMismatchError(
             f"this adapter was trained on backbone {_short(expected_identity)} but "
             f"{config.spec!r} is {_short(backbone.identity)}")
     return backbone
+
+
+def _checkpoint_dirs(spec: str) -> tuple[list[Path], dict[str, str]]:
+    """The local folders of `DIR`, `VISION,TEXT` or hub ids (`org/name[@revision]`, each
+    resolved into the Hugging Face cache: `hub.resolve`), and the commit each hub id
+    resolved to."""
+    parts = [part.strip() for part in spec.split(",")]
+    if len(parts) > 2:
+        raise ConfigError(f"{spec}: a backbone is one checkpoint or VISION,TEXT")
+    folders, revisions = [], {}
+    for part in parts:
+        if is_hub_id(part):
+            folder, commit = resolve(part)
+            revisions[part.partition("@")[0]] = commit
+            folders.append(folder)
+        else:
+            folders.append(Path(part))
+    return folders, revisions
 
 
 def _short(identity: dict) -> str:
