@@ -15,6 +15,7 @@ import click
 from .errors import ConfigError, MmdeployError
 from .registry import ADAPTERS
 from .runtime import BACKENDS
+from .runtime.records import SERVING_PRECISIONS
 
 _PRECISION_HELP = ("`int8`: the run's model.int8.onnx on onnxruntime (made by `export --int8`, "
                    "served only if it passed its accuracy gate). Default: int8 if the export "
@@ -266,7 +267,7 @@ def verify(run_path) -> None:
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="With --engine ray: predictor actors. Default: one per GPU on a GPU "
                    "backend, else one per node.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(SERVING_PRECISIONS), default=None,
               help=_PRECISION_HELP)
 def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume, overwrite,
           fail_fast, engine, ray_address, actors, precision) -> None:
@@ -435,7 +436,7 @@ def info(run_path, as_json) -> None:
               help="Images per request.")
 @click.option("--max-file-mb", type=click.IntRange(min=1), default=16, show_default=True,
               help="Size of one uploaded file, in MiB.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(SERVING_PRECISIONS), default=None,
               help=_PRECISION_HELP)
 @click.option("--engine", type=click.Choice(["gradio", "ray"]), default="gradio",
               show_default=True,

@@ -212,3 +212,41 @@ def image_dir(tmp_path_factory) -> Path:
     written += _photographs(root / "extra")
     assert len(written) == 20
     return root
+
+
+def save_towers(folder: Path, depth: int) -> str:
+    """Separate towers saved as local checkpoints: a ViT-style image tower of `depth` blocks,
+    48 wide, and a BERT text tower of 2 blocks, 40 wide (as GA-Net's code pairs ViT and
+    BERT); returns their `VISION_DIR,TEXT_DIR` backbone spec."""
+    import torch
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
+
+    from mmdeploy.backbone import _tiny_image_processor, _tiny_tokenizer
+
+    vision_dir, text_dir = folder / f"vision-{depth}", folder / f"text-{depth}"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96,
+                                     num_hidden_layers=depth, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(vision_dir)
+    _tiny_image_processor().save_pretrained(vision_dir)
+    tokenizer = _tiny_tokenizer()
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=80,
+                         max_position_embeddings=64)).save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+    return f"{vision_dir},{text_dir}"
+
+
+@pytest.fixture(scope="session")
+def towers(tmp_path_factory):
+    """`towers(depth)`: the spec of separate towers with `depth` image blocks (`save_towers`),
+    built once per depth in the session."""
+    folder = tmp_path_factory.mktemp("towers")
+    built: dict[int, str] = {}
+
+    def spec(depth: int) -> str:
+        if depth not in built:
+            built[depth] = save_towers(folder, depth)
+        return built[depth]
+
+    return spec

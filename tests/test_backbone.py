@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-from mmdeploy.backbone import _tiny_image_processor, _tiny_tokenizer, load_backbone
+from mmdeploy.backbone import load_backbone
 from mmdeploy.config import BackboneConfig
 from mmdeploy.errors import BackboneMismatchError, ConfigError
 from mmdeploy.models.hmmoe.config import HMMoEConfig
@@ -48,21 +47,9 @@ def test_frozen_towers_stay_in_eval_mode(cache):
     assert model.adapters[0].training
 
 
-def test_separate_vision_and_text_towers(tmp_path):
+def test_separate_vision_and_text_towers(towers):
     """A ViT-style image tower and a BERT text tower of another width, as GA-Net's code uses."""
-    vision_dir, text_dir = tmp_path / "vision", tmp_path / "text"
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                     num_attention_heads=2, image_size=32, patch_size=8)
-                    ).save_pretrained(vision_dir)
-    _tiny_image_processor().save_pretrained(vision_dir)
-    tokenizer = _tiny_tokenizer()
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=40, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=80,
-                         max_position_embeddings=64)).save_pretrained(text_dir)
-    tokenizer.save_pretrained(text_dir)
-
-    backbone = load_backbone(BackboneConfig(spec=f"{vision_dir},{text_dir}"))
+    backbone = load_backbone(BackboneConfig(spec=towers(3)))
     assert (backbone.vision_width, backbone.text_width) == (48, 40)
     model = HMMoEModel(backbone, HMMoEConfig(num_layers=3), ["cat", "dog"], "a {}").eval()
     logits, embeddings = model(torch.randn(3, 3, 32, 32))

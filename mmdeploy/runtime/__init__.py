@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING
 # Kept light (no torch): the CLI reads BACKENDS for `infer --backend` at import time.
 from ..artifacts import ExportRecord, Manifest, RunDir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, MmdeployError
-from .records import EXPORT_HINTS
+from .records import EXPORT_HINTS, SERVING_PRECISIONS
 
 if TYPE_CHECKING:
     from .base import Predictor
 
-PRECISIONS = ("fp32", "int8")
 Problem = Callable[[str, ExportRecord, RunDir], "str | None"]
 Loader = Callable[[Path, str, "int | None"], "Predictor"]
 
@@ -178,9 +177,9 @@ def pick_backend(run_path: str | Path, requested: str | None = None,
     """The backend to use and, for each faster one passed over, why (once per backend for a
     missing export, once per device for what this machine lacks). With `precision="int8"`
     only backends with an INT8 record are candidates (onnxruntime)."""
-    if precision not in PRECISIONS:
+    if precision not in SERVING_PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from "
-                          f"{', '.join(PRECISIONS)}")
+                          f"{', '.join(SERVING_PRECISIONS)}")
     run_dir = RunDir(Path(run_path))
     ranking = [(b, d) for b, d in RANKING
                if precision == "fp32" or BACKEND_TABLE[b].record_for(precision)]

@@ -12,10 +12,10 @@ from ..backbone import default_cache_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError
 from ..interface import INPUT_NAME
 from .base import Predictor
+from .records import SERVING_PRECISIONS
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the quantized graph, published only when it passed its gate
-PRECISIONS = ("fp32", "int8")
 
 
 def available_providers() -> list[str]:
@@ -136,9 +136,9 @@ class OnnxRuntimePredictor(Predictor):
 
     def __init__(self, run_path: str | Path, threads: int | None = None,
                  precision: str = "fp32"):
-        if precision not in PRECISIONS:
+        if precision not in SERVING_PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose from "
-                              f"{', '.join(PRECISIONS)}")
+                              f"{', '.join(SERVING_PRECISIONS)}")
         super().__init__(run_path, "int8" if precision == "int8" else "onnx")
         low, high = self.batch_range
         height, width = self.preprocessor.image_size

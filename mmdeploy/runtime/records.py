@@ -6,6 +6,10 @@ from __future__ import annotations
 from ..artifacts import ExportRecord, Manifest, RunDir
 from ..errors import ArtifactError
 
+SERVING_PRECISIONS = ("fp32", "int8")
+"""What `infer` and `serve` can be asked for: "fp32" serves each export at its own precision
+(an FP16 engine included), "int8" the run's INT8 graph."""
+
 EXPORT_HINTS = {
     "onnx": "ONNX export (`mmdeploy export --format onnx`)",
     "aoti": "AOTInductor package (`mmdeploy export --format aoti`)",

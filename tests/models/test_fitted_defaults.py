@@ -1,40 +1,21 @@
 """Defaults that depend on the backbone fit the tower they are given (with one note each);
-only a value the user typed is refused. Towers of 3 and 12 image blocks, saved as local
-checkpoints (a ViT-style image tower, a BERT text tower)."""
+only a value the user typed is refused. Separate towers of 3 and 12 image blocks, saved as
+local checkpoints (the `towers` fixture)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-from mmdeploy.backbone import _tiny_image_processor, _tiny_tokenizer, load_backbone
+from mmdeploy.backbone import load_backbone
 from mmdeploy.config import BackboneConfig
 from mmdeploy.models.baselines.model import LoRAModel
 from mmdeploy.models.ganet.model import GANetModel
 from mmdeploy.models.hmmoe.model import HMMoEModel
 
 
-def towers(folder, depth: int) -> str:
-    """A `VISION_DIR,TEXT_DIR` spec: `depth` image blocks 48 wide, 2 text blocks 40 wide."""
-    vision_dir, text_dir = folder / f"vision-{depth}", folder / f"text-{depth}"
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96,
-                                     num_hidden_layers=depth, num_attention_heads=2,
-                                     image_size=32, patch_size=8)).save_pretrained(vision_dir)
-    _tiny_image_processor().save_pretrained(vision_dir)
-    tokenizer = _tiny_tokenizer()
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=40, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=80,
-                         max_position_embeddings=64)).save_pretrained(text_dir)
-    tokenizer.save_pretrained(text_dir)
-    return f"{vision_dir},{text_dir}"
-
-
 @pytest.fixture(scope="module")
-def specs(tmp_path_factory) -> dict[int, str]:
-    folder = tmp_path_factory.mktemp("towers")
-    return {depth: towers(folder, depth) for depth in (3, 12)}
+def specs(towers) -> dict[int, str]:
+    return {depth: towers(depth) for depth in (3, 12)}
 
 
 def backbone(spec: str):
