@@ -149,14 +149,13 @@ def _artifact_reason(backend: Backend, precision: str, manifest: Manifest | str)
     return None
 
 
-def _reasons(backend: str, device: str | None, precision: str,
-             run_dir: RunDir) -> tuple[str | None, bool]:
-    """(why `backend` on `device` cannot serve the run at `precision`, or None; whether the
-    reason is about the run's files rather than the device)."""
+def _reasons(backend: str, device: str | None, precision: str, run_dir: RunDir,
+             manifest: Manifest | str) -> tuple[str | None, bool]:
+    """(why `backend` on `device` cannot serve the run (`manifest`: see `_manifest`) at
+    `precision`, or None; whether the reason is about the run's files, not the device)."""
     if backend not in BACKEND_TABLE:
         raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     table = BACKEND_TABLE[backend]
-    manifest = _manifest(run_dir)
     if reason := _artifact_reason(table, precision, manifest):
         return reason, True
     if table.problem is None:
@@ -181,14 +180,15 @@ def pick_backend(run_path: str | Path, requested: str | None = None,
         raise ConfigError(f"unknown precision {precision!r}; choose from "
                           f"{', '.join(SERVING_PRECISIONS)}")
     run_dir = RunDir(Path(run_path))
+    manifest = _manifest(run_dir)  # read once for every candidate
     ranking = [(b, d) for b, d in RANKING
                if precision == "fp32" or BACKEND_TABLE[b].record_for(precision)]
     if requested is not None:
-        return requested, _check_requested(requested, ranking, precision, run_dir)
+        return requested, _check_requested(requested, ranking, precision, run_dir, manifest)
     skipped = [] if precision == "fp32" else \
         [f"other backends: {precision.upper()} is served by {_served_by(ranking)} only"]
     for backend, device in ranking:
-        reason, about_files = _reasons(backend, device, precision, run_dir)
+        reason, about_files = _reasons(backend, device, precision, run_dir, manifest)
         if reason is None:
             return backend, skipped
         line = f"{backend}: {reason}" if about_files else f"{backend} on {device}: {reason}"
@@ -200,7 +200,7 @@ def pick_backend(run_path: str | Path, requested: str | None = None,
 
 
 def _check_requested(requested: str, ranking: list[tuple[str, str | None]], precision: str,
-                     run_dir: RunDir) -> list[str]:
+                     run_dir: RunDir, manifest: Manifest | str) -> list[str]:
     """Nothing skipped when `requested` can serve the run at `precision` on one of its
     devices; else `BackendUnavailableError` with the reasons."""
     candidates = [(b, d) for b, d in ranking if b == requested]
@@ -209,7 +209,7 @@ def _check_requested(requested: str, ranking: list[tuple[str, str | None]], prec
                                       f"{_served_by(ranking)} only; leave --backend out")
     reasons = []
     for backend, device in candidates or [(requested, None)]:
-        reason, _ = _reasons(backend, device, precision, run_dir)
+        reason, _ = _reasons(backend, device, precision, run_dir, manifest)
         if reason is None:
             return []
         reasons.append(f"{device}: {reason}" if device and len(candidates) > 1 else reason)
