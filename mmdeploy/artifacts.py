@@ -253,6 +253,11 @@ class RunDir:
         return self.root / "checkpoint"
 
     @property
+    def feature_cache_dir(self) -> Path:
+        """Training's frozen-feature cache when it outgrows memory; removed after training."""
+        return self.root / "feature-cache"
+
+    @property
     def export_dir(self) -> Path:
         return self.root / "export"
 

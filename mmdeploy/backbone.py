@@ -105,6 +105,40 @@ class Backbone(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.pool_image(self.vision(pixel_values=pixel_values))
 
+    def vision_tokens(self, pixel_values: torch.Tensor, block: int) -> torch.Tensor:
+        """The tokens entering image block `block` [B, T, W]; the blocks from there on are
+        not run. With `image_features_from`, the tower split in two at `block`."""
+        captured = []
+
+        def stop(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        handle = self.vision_blocks()[block].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.vision(pixel_values=pixel_values)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def image_features_from(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
+        """`image_features` continued from `vision_tokens(pixels, block)`: the remaining
+        blocks, then what `pool_image` takes of their output. A per-token norm commutes with
+        taking the CLS token, so only the CLS is normed: CLIP's `post_layernorm` (what its
+        pooler output is) when there is a projection; else the norm DINOv2 and ViT apply to
+        their last hidden state (`layernorm`), none for CLIP's towers. The trainer checks
+        the result against the whole forward (`trainers.frozen_cache`)."""
+        hidden = tokens
+        for layer in self.vision_blocks()[block:]:
+            hidden = layer(hidden, None)
+        cls = hidden[:, 0]
+        if self.visual_projection is not None:
+            return self.visual_projection(self.vision.post_layernorm(cls))
+        last_state_norm = getattr(self.vision, "layernorm", None)
+        return last_state_norm(cls) if last_state_norm is not None else cls
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, on the text tower's device."""
         device = next(self.text.parameters()).device
@@ -128,6 +162,10 @@ class Backbone(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _StopForward(Exception):
+    """Raised by `vision_tokens`' hook to end the image tower's forward early."""
 
 
 def _transformer_blocks(model: nn.Module) -> nn.ModuleList:

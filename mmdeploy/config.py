@@ -124,6 +124,10 @@ class TrainConfig(ConfigBase):
     checkpoint_every: int = 50
     ewc_lambda: float | None = None  # None: the adapter config's `ewc_lambda`, else 0 (off)
     max_nan_steps: int = 5
+    # Run each image through the frozen part of the model once (trainers/frozen_cache.py);
+    # a cache over `cache_memory_mb` is a memory-mapped file in the run.
+    cache_features: bool = True
+    cache_memory_mb: int = 4096
 
 
 @dataclass

@@ -29,6 +29,9 @@ class AdaptedModel(nn.Module):
     # `build_bank(pixels, labels, captions, seed)`, saved with `bank_state_dict()` as the
     # run's `adapter_bank.safetensors` and restored with `load_bank_state_dict()`.
     needs_bank: ClassVar[bool] = False
+    # True while the trainer feeds `frozen_features(pixels)` in place of pixels (its cache of
+    # what the frozen part of the image tower makes of each image).
+    reads_cache: bool = False
 
     def __init__(self, backbone: Backbone, config: ConfigBase, class_names: list[str],
                  prompt_template: str):
@@ -80,7 +83,36 @@ class AdaptedModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor,
                       captions: list[str] | None = None) -> torch.Tensor:
         """Image embeddings [B, D] before normalisation (default: the frozen tower's own)."""
-        return self.backbone.image_features(pixel_values)
+        return self.image_features(pixel_values)
+
+    def first_adapted_block(self) -> int | None:
+        """The first image-tower block the adapter changes: the tower's depth when it
+        changes none (it acts on pooled features), None when nothing before it is frozen.
+        Everything ahead of it is computed once per image by the trainer's cache."""
+        return len(self.backbone.vision_blocks())
+
+    # -- the frozen prefix, cached -----------------------------------------------------------
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the frozen prefix of the image tower makes of `pixel_values`: the pooled
+        features [B, D] when the adapter acts after pooling, else the tokens entering the
+        first adapted block [B, T, W]."""
+        block = self.first_adapted_block()
+        if block is None:
+            raise ValueError(f"{type(self).__name__} adapts the first image block: nothing "
+                             "frozen to cache")
+        if block == len(self.backbone.vision_blocks()):
+            return self.backbone.image_features(pixel_values)
+        return self.backbone.vision_tokens(pixel_values, block)
+
+    def image_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features [B, D] (with the adapter's hooks) for pixels,
+        or, while `reads_cache`, for what `frozen_features` made of them."""
+        if not self.reads_cache:
+            return self.backbone.image_features(inputs)
+        block = self.first_adapted_block()
+        if block == len(self.backbone.vision_blocks()):
+            return inputs
+        return self.backbone.image_features_from(inputs, block)
 
     def freeze_adapter(self) -> None:
         """Adapter-specific part of `to_deploy` (bake constants, switch forms)."""

@@ -60,3 +60,32 @@ def test_separate_vision_and_text_towers(towers):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         load_backbone(BackboneConfig(spec=str(tmp_path)))
+
+
+def _dinov2_towers(folder: Path, text_spec: str) -> str:
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mmdeploy.backbone import _tiny_image_processor
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=2, image_size=32, patch_size=8)
+                ).save_pretrained(folder)
+    _tiny_image_processor().save_pretrained(folder)
+    return f"{folder},{text_spec.split(',')[1]}"
+
+
+@pytest.mark.parametrize("tower", ["clip", "clip-vision", "dinov2"])
+def test_the_image_tower_split_at_any_block_is_the_whole(tower, cache, towers, tmp_path):
+    """`vision_tokens` then `image_features_from` (the trainer's frozen-prefix cache) give
+    `image_features` exactly: CLIP with its projection, a CLIP vision tower alone, DINOv2."""
+    spec = {"clip": "tiny", "clip-vision": towers(3),
+            "dinov2": _dinov2_towers(tmp_path / "dinov2", towers(3))}[tower]
+    backbone = load_backbone(BackboneConfig(spec=spec, cache_dir=str(cache)))
+    pixels = torch.randn(3, 3, 32, 32)
+    whole = backbone.image_features(pixels)
+    for block in range(len(backbone.vision_blocks())):
+        tokens = backbone.vision_tokens(pixels, block)
+        assert tokens.shape == (3, 17, backbone.vision_width)
+        torch.testing.assert_close(backbone.image_features_from(tokens, block), whole,
+                                   rtol=1e-5, atol=1e-6)

@@ -3,15 +3,16 @@
 AdamW, cosine schedule with warm-up, gradient clipping, bf16 autocast on CUDA, seeded data
 order, validation every epoch with best-checkpoint selection (never on test), checkpoints
 that `resume` continues from with identical results, a NaN guard, metrics to JSONL and a
-progress bar. The backbone is frozen, so images are decoded and preprocessed once.
+progress bar. The backbone is frozen, so images are decoded and preprocessed once, and the
+frozen part of the model runs once per image (`frozen_cache`; `--no-cache` turns it off).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +22,15 @@ from tqdm import tqdm
 
 from mmdeploy.artifacts import RunDir, load_safetensors, save_safetensors
 from mmdeploy.backbone import Backbone, torch_device
-from mmdeploy.data import Sample, Splits, read_image
+from mmdeploy.config import TrainConfig
+from mmdeploy.data import Splits
 from mmdeploy.errors import MmdeployError
 from mmdeploy.runs import RunConfig, build_model
 
 from .checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
+from .frozen_cache import cached_split
 from .losses import EWC
+from .split import Split, decode
 
 
 @dataclass
@@ -39,37 +43,9 @@ class TrainResult:
     parameters: dict
 
 
-@dataclass
-class Split:
-    """A split decoded once: pixels [N, 3, H, W], labels [N], captions ("" when missing)."""
-
-    pixels: torch.Tensor
-    labels: torch.Tensor
-    captions: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, ids: torch.Tensor) -> Split:
-        return Split(self.pixels[ids], self.labels[ids], [self.captions[i] for i in ids.tolist()])
-
-    def batches(self, size: int) -> Iterator[Split]:
-        for start in range(0, len(self), size):
-            yield self.batch(torch.arange(start, min(start + size, len(self))))
-
-
-def preprocess(samples: list[Sample], backbone: Backbone, desc: str) -> Split:
-    chunks = []
-    for start in tqdm(range(0, len(samples), 256), desc=desc, unit="batch", leave=False):
-        images = [read_image(s) for s in samples[start:start + 256]]
-        chunks.append(torch.from_numpy(backbone.preprocessor(images)))
-    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-    return Split(torch.cat(chunks), labels, [s.caption or "" for s in samples])
-
-
 def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
     captions = split.captions if model.uses_captions else None
-    return model(split.pixels.to(device), captions)[0]
+    return model(split.inputs.to(device), captions)[0]
 
 
 @torch.no_grad()
@@ -104,10 +80,11 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     model = build_model(run, backbone)
     device = torch_device()
     model.to(device)
-    train_split = preprocess(splits.train, backbone, "decode train")
-    val_split = preprocess(splits.val, backbone, "decode val")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    train_split, val_split = _training_inputs(model, cfg, run_dir, backbone, splits, device,
+                                              autocast)
     if model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
-        model.build_bank(train_split.pixels, train_split.labels, train_split.captions, cfg.seed)
+        model.build_bank(train_split.inputs, train_split.labels, train_split.captions, cfg.seed)
         save_safetensors(run_dir.bank_path, model.bank_state_dict(),
                          metadata={"adapter": type(model).__name__})
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
@@ -133,7 +110,6 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     elif ewc_lambda > 0:
         model.eval()
         ewc = EWC.estimate(model, train_split.batches(cfg.batch_size), task_loss, ewc_lambda)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {run.adapter}",
                     unit="step")
@@ -180,11 +156,30 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
 
 
+def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbone,
+                     splits: Splits, device: str, autocast) -> tuple[Split, Split]:
+    """The training and validation splits as the model reads them: what its frozen prefix
+    makes of each image, computed once (`frozen_cache`); pixels with `--no-cache`, or when
+    the adapter changes the first block (LoRA)."""
+    if not cfg.cache_features or model.first_adapted_block() is None:
+        return (decode(splits.train, backbone, "decode train"),
+                decode(splits.val, backbone, "decode val"))
+    limit = cfg.cache_memory_mb * 2**20
+    cached = [cached_split(model, samples, backbone, device, autocast, f"cache {name}",
+                           run_dir.feature_cache_dir / f"{name}.bin", limit)
+              for name, samples in (("train", splits.train), ("val", splits.val))]
+    model.reads_cache = True
+    return cached[0], cached[1]
+
+
 def _finish(run_dir, backbone, splits, state, started, model, batch_size,
             device) -> TrainResult:
-    """Test accuracy of the best checkpoint, once, at the very end."""
+    """Test accuracy of the best checkpoint, once, at the very end, through the model's
+    whole forward (never the cache)."""
+    model.reads_cache = False
+    shutil.rmtree(run_dir.feature_cache_dir, ignore_errors=True)
     model.load_adapter_state_dict(load_safetensors(run_dir.weights_path))
-    test_accuracy = accuracy(model, preprocess(splits.test, backbone, "decode test"),
+    test_accuracy = accuracy(model, decode(splits.test, backbone, "decode test"),
                              batch_size, device)
     seconds = time.perf_counter() - started
     _log(run_dir, {"event": "test", "step": state["step"], "best_step": state["best_step"],

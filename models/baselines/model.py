@@ -63,6 +63,9 @@ class LoRAModel(AdaptedModel):
         super().__init__(backbone, config, class_names, prompt_template)
         self.image_loras = attach_lora(backbone.vision, config.targets, config.rank, config.alpha)
 
+    def first_adapted_block(self) -> None:
+        return None  # the targets are in every block
+
     def freeze_adapter(self) -> None:
         merge_lora(self.backbone.vision, self.image_loras)
         del self.image_loras

@@ -73,7 +73,7 @@ class GANetModel(AdaptedModel):
                    seed: int, batch_size: int = 64) -> None:
         """Class nodes from all training samples, plus up to `bank_size` sample nodes."""
         device = self.classifier.weight.device
-        image = torch.cat([self.backbone.image_features(pixels[i:i + batch_size].to(device))
+        image = torch.cat([self.image_features(pixels[i:i + batch_size].to(device))
                            for i in range(0, len(pixels), batch_size)])
         samples = graph.node_features(image, self.caption_features(captions, len(image)))
         labels = labels.to(device)
@@ -124,7 +124,7 @@ class GANetModel(AdaptedModel):
         """Shapes: pixel_values [B, 3, H, W] -> adapted query nodes [B, Di + Dt]."""
         if len(self.bank_nodes) == 0:
             raise RuntimeError("GA-Net has no memory bank: build_bank() or load one first")
-        image = self.backbone.image_features(pixel_values)
+        image = self.image_features(pixel_values)
         # shape[0], not len(): len() would freeze the exported batch size
         x = graph.node_features(image, self.caption_features(captions, image.shape[0]))
         similarity = x @ self.bank_nodes.T

@@ -96,13 +96,16 @@ class HMMoEModel(AdaptedModel):
     def encode_images(self, pixel_values: torch.Tensor,
                       captions: list[str] | None = None) -> torch.Tensor:
         if not self.uses_captions or self.deployed:
-            return self.backbone.image_features(pixel_values)
+            return self.image_features(pixel_values)
         # The hooks read the captions' context while the image tower runs.
         self._caption_context = self.caption_context(captions or [""] * len(pixel_values))
         try:
-            return self.backbone.image_features(pixel_values)
+            return self.image_features(pixel_values)
         finally:
             self._caption_context = None
+
+    def first_adapted_block(self) -> int:
+        return self.image_layers[0]
 
     def auxiliary_loss(self) -> torch.Tensor:
         """The routers' load-balancing losses (each already weighted by its config)."""

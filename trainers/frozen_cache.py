@@ -1,0 +1,81 @@
+"""Frozen-prefix caching: each training and validation image goes through the frozen part of
+the model once, not once per epoch.
+
+What is frozen depends on the adapter (`AdaptedModel.frozen_features`): the pooled features
+for adapters that act after pooling (linear probe, zero-shot, GA-Net), the tokens entering
+the first adapted block for HMMoE; LoRA changes every block and caches nothing. The trainer
+then feeds the cached features in place of pixels (`AdaptedModel.reads_cache`), so a step
+runs only the adapted part. The cache stays in memory up to a bound and is a memory-mapped
+file in the run beyond it (removed when training ends), in the dtype the tower computed.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+
+from mmdeploy.backbone import Backbone
+from mmdeploy.data import Sample
+from mmdeploy.errors import MmdeployError
+
+from .split import Split, labels_and_captions, pixel_chunks
+
+CHUNK = 64  # images through the frozen prefix at a time
+CHECK_IMAGES = 4
+CHECK_TOLERANCE = 1e-4  # float32: the split forward runs the very same modules
+
+
+@torch.no_grad()
+def cached_split(model, samples: list[Sample], backbone: Backbone, device: str,
+                 autocast: AbstractContextManager, desc: str, spill_path: Path,
+                 memory_limit_bytes: int) -> Split:
+    """The samples as `model.frozen_features` of their pixels, each image computed once,
+    `CHUNK` at a time (the decoded pixels of a whole split are never held). The first chunk
+    also checks the split forward (`check_split_forward`)."""
+    model.eval()
+    storage = None
+    start = 0
+    for pixels in pixel_chunks(samples, backbone, desc, CHUNK):
+        pixels = pixels.to(device)
+        with autocast:
+            features = model.frozen_features(pixels).cpu()
+        if storage is None:
+            check_split_forward(model, pixels)
+            storage = _allocate((len(samples), *features.shape[1:]), features.dtype,
+                                spill_path, memory_limit_bytes)
+        storage[start:start + len(features)] = features
+        start += len(features)
+    return Split(storage, *labels_and_captions(samples))
+
+
+@torch.no_grad()
+def check_split_forward(model, pixels: torch.Tensor) -> None:
+    """Refuse the cache unless the tower split in two (`Backbone.vision_tokens` then
+    `image_features_from`) gives what its own forward gives, on a few images in float32:
+    a tower whose blocks or final norm are laid out otherwise would train on wrong inputs."""
+    model.eval()
+    pixels = pixels[:CHECK_IMAGES]
+    whole = model.image_features(pixels)
+    model.reads_cache = True
+    try:
+        split = model.image_features(model.frozen_features(pixels))
+    finally:
+        model.reads_cache = False
+    if not torch.allclose(whole, split, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE):
+        gap = (whole - split).abs().max().item()
+        raise MmdeployError(
+            f"the feature cache does not reproduce {type(model.backbone.vision).__name__}'s "
+            f"forward (max abs difference {gap:.2e}); train with --no-cache")
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, path: Path,
+              memory_limit_bytes: int) -> torch.Tensor:
+    numel = math.prod(shape)
+    if numel * dtype.itemsize <= memory_limit_bytes:
+        return torch.empty(shape, dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
