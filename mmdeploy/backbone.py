@@ -45,9 +45,10 @@ def default_cache_dir() -> Path:
 class Backbone(nn.Module):
     """Both frozen towers, their tokenizer and the image preprocessing.
 
-    `image_features` and `text_features` return pooled features in the towers' shared
+    `image_features` and `encode_text` return pooled features in the towers' shared
     space when the checkpoint has projections (CLIP); otherwise the raw pooled width of
-    each tower (the adapter then learns a projection between them).
+    each tower (the adapter then learns a projection between them): the CLS token, or the
+    token mean for a sentence-transformers text tower that pools so (`sentence_pooling`).
     """
 
     def __init__(self, vision: nn.Module, text: nn.Module, tokenizer, preprocessor: Preprocessor,
@@ -151,6 +152,9 @@ class Backbone(nn.Module):
         out = self.text(**tokens, output_hidden_states=True)
         if self.text_projection is not None:
             pooled = self.text_projection(out.pooler_output)
+        elif self.identity.get("text_pooling") == "mean":
+            mask = tokens["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
         else:
             pooled = out.last_hidden_state[:, 0]
         return pooled, out.hidden_states
@@ -244,10 +248,25 @@ def _load_dirs(config: BackboneConfig, first: Path, text_dir: Path | None) -> Ba
     else:
         text = AutoModel.from_pretrained(text_dir, use_safetensors=True)
         identity = identify(first, text_dir)
+        if sentence_pooling(text_dir) == "mean":  # a key only then: other identities unchanged
+            identity["text_pooling"] = "mean"
         backbone = Backbone(model, text, AutoTokenizer.from_pretrained(text_dir),
                             Preprocessor.from_pretrained(first), config, identity)
     backbone.assert_frozen()
     return backbone
+
+
+def sentence_pooling(directory: Path) -> str:
+    """How a sentence-transformers checkpoint pools its tokens ("mean" or "cls", from its
+    Pooling module's config), so that its text features are the embeddings it was trained
+    to give; "cls" for any other checkpoint."""
+    try:
+        modules = json.loads((directory / "modules.json").read_text())
+        path = next(m["path"] for m in modules if m.get("type", "").endswith("models.Pooling"))
+        config = json.loads((directory / path / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return "cls"
+    return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
 
 
 def identify(*directories: Path) -> dict:

@@ -89,3 +89,30 @@ def test_the_image_tower_split_at_any_block_is_the_whole(tower, cache, towers, t
         assert tokens.shape == (3, 17, backbone.vision_width)
         torch.testing.assert_close(backbone.image_features_from(tokens, block), whole,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_sentence_transformers_text_tower_pools_as_it_was_trained(towers, tmp_path):
+    """A text checkpoint whose sentence-transformers Pooling module means its tokens gives
+    the token mean (and says so in its identity); any other gives the CLS token."""
+    import json
+    import shutil
+
+    vision_dir, text_dir = towers(3).split(",")
+    sentence_dir = tmp_path / "sentence"
+    shutil.copytree(text_dir, sentence_dir)
+    (sentence_dir / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (sentence_dir / "1_Pooling").mkdir()
+    (sentence_dir / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+
+    plain = load_backbone(BackboneConfig(spec=f"{vision_dir},{text_dir}"))
+    sentence = load_backbone(BackboneConfig(spec=f"{vision_dir},{sentence_dir}"))
+    assert "text_pooling" not in plain.identity and sentence.identity["text_pooling"] == "mean"
+    tokens = sentence.tokenize(["a cat", "a much longer caption"])
+    pooled, hidden = sentence.encode_text(tokens)
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(pooled, (hidden[-1] * mask).sum(1) / mask.sum(1))
+    torch.testing.assert_close(plain.encode_text(tokens)[0], hidden[-1][:, 0])
