@@ -132,7 +132,10 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
     click.echo(f"{run.adapter}: best val accuracy {result.best_val_accuracy:.4f} (step "
                f"{result.best_step}), test accuracy {result.test_accuracy:.4f}, "
                f"{result.parameters['trainable']:,} trainable parameters ({share:.2%} of the "
-               f"backbone), {result.steps} steps in {result.seconds:.1f} s -> {out}")
+               f"backbone), {result.steps} steps in {result.seconds:.1f} s ("
+               + ", ".join(f"{phase} {seconds:.1f} s"
+                           for phase, seconds in result.phase_seconds.items())
+               + f") -> {out}")
 
 
 @cli.command()

@@ -41,6 +41,7 @@ class TrainResult:
     steps: int
     seconds: float
     parameters: dict
+    phase_seconds: dict  # "prepare" (model, decoding, the frozen-prefix cache), "train", "test"
 
 
 def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
@@ -54,6 +55,23 @@ def accuracy(model, split: Split, batch_size: int, device: str = "cpu") -> float
     correct = sum((logits_of(model, batch, device).argmax(-1).cpu() == batch.labels).sum().item()
                   for batch in split.batches(batch_size))
     return correct / max(len(split), 1)
+
+
+class PhaseClock:
+    """Seconds spent in each phase of a run, in order."""
+
+    def __init__(self, first: str):
+        self.seconds: dict[str, float] = {}
+        self._phase, self._since = first, time.perf_counter()
+
+    def begin(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[self._phase] = round(now - self._since, 2)
+        self._phase, self._since = phase, now
+
+    def stop(self) -> dict[str, float]:
+        self.begin("")
+        return self.seconds
 
 
 def ewc_strength(run: RunConfig) -> float:
@@ -74,7 +92,7 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
 def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
           resume: bool = False) -> TrainResult:
     """Train `run.adapter` on `splits.train`, keep the best on `splits.val`, report test."""
-    started = time.perf_counter()
+    clock = PhaseClock("prepare")
     cfg = run.train
     torch.manual_seed(cfg.seed)
     model = build_model(run, backbone)
@@ -83,6 +101,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     train_split, val_split = _training_inputs(model, cfg, run_dir, backbone, splits, device,
                                               autocast)
+    clock.begin("train")
     if model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
         model.build_bank(train_split.inputs, train_split.labels, train_split.captions, cfg.seed)
         save_safetensors(run_dir.bank_path, model.bank_state_dict(),
@@ -95,7 +114,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
     if not params:  # nothing to train (zero-shot): the model as it is is the result
         _validate(model, run_dir, val_split, cfg.batch_size, state, 0, device)
-        return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
+        return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, total_steps)
 
@@ -153,7 +172,7 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
             if end_of_epoch or state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(run_dir, model, optimizer, state, ewc)
     progress.close()
-    return _finish(run_dir, backbone, splits, state, started, model, cfg.batch_size, device)
+    return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device)
 
 
 def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbone,
@@ -172,20 +191,21 @@ def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbon
     return cached[0], cached[1]
 
 
-def _finish(run_dir, backbone, splits, state, started, model, batch_size,
+def _finish(run_dir, backbone, splits, state, clock, model, batch_size,
             device) -> TrainResult:
     """Test accuracy of the best checkpoint, once, at the very end, through the model's
     whole forward (never the cache)."""
+    clock.begin("test")
     model.reads_cache = False
     shutil.rmtree(run_dir.feature_cache_dir, ignore_errors=True)
     model.load_adapter_state_dict(load_safetensors(run_dir.weights_path))
     test_accuracy = accuracy(model, decode(splits.test, backbone, "decode test"),
                              batch_size, device)
-    seconds = time.perf_counter() - started
+    phases = clock.stop()
     _log(run_dir, {"event": "test", "step": state["step"], "best_step": state["best_step"],
                    "val_accuracy": state["best_val"], "test_accuracy": test_accuracy})
     return TrainResult(state["best_val"], state["best_step"], test_accuracy, state["step"],
-                       seconds, model.parameter_report())
+                       sum(phases.values()), model.parameter_report(), phases)
 
 
 def _validate(model, run_dir: RunDir, val_split: Split, batch_size: int, state: dict,

@@ -3,6 +3,7 @@ without it gives, runs the image tower once per training and validation image, s
 memory-mapped file past its bound, and is refused for a tower it cannot split."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -108,5 +109,7 @@ def test_no_cache_from_the_command_line(cli, tmp_path):
                   "--shots", "1", "--no-cache"])
     assert result.code == 0, str(result)
     assert "cache train" not in result.stderr and "decode train" in result.stderr
+    assert re.search(r"2 steps in [\d.]+ s \(prepare [\d.]+ s, train [\d.]+ s, test [\d.]+ s\)",
+                     result.stdout), result.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["train"]["cache_features"] is False
