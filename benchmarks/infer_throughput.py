@@ -13,7 +13,6 @@ model loading. Writes benchmarks/results/<date>-<host>-infer_throughput.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image
+from report import write_report
 
 from mmdeploy.inference.demo_images import write_demo_images
 
@@ -84,10 +84,8 @@ def main() -> None:
         "images_per_second": {str(w): {"runs": r, "median": statistics.median(r)}
                               for w, r in results.items()},
     }
-    name = f"{datetime.date.today()}-{platform.node()}-infer_throughput.json"
-    path = Path(__file__).parent / "results" / name
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["images_per_second"]), f"-> {path}")
+    print(json.dumps(report["images_per_second"]))
+    write_report("infer_throughput", report)
 
 
 if __name__ == "__main__":

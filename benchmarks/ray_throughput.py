@@ -19,8 +19,6 @@ requests/s over all of them. Writes benchmarks/results/<date>-<host>-ray_through
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import re
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import httpx
 from infer_throughput import write_images
+from report import write_report
 
 
 def tree_pss_bytes(root: int) -> int:
@@ -193,10 +192,7 @@ def main() -> None:
         "load_average_before_after": [load_before, os.getloadavg()],
         "python": platform.python_version(), "infer": infer, "serve": serve,
     }
-    name = f"{datetime.date.today()}-{platform.node()}-ray_throughput.json"
-    path = Path(__file__).parent / "results" / name
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {path}")
+    write_report("ray_throughput", report)
 
 
 if __name__ == "__main__":

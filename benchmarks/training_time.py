@@ -15,13 +15,13 @@ adapter weights. Writes benchmarks/results/<date>-<host>-training_time.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import tempfile
 from pathlib import Path
 
 import torch
+from report import write_report
 
 from mmdeploy.artifacts import load_safetensors
 from mmdeploy.bench.real_pair import real_pair
@@ -64,10 +64,7 @@ def main() -> None:
     report = {"backbone": args.backbone, "shots": args.shots, "data": "demo",
               "recipe": TrainConfig().to_dict(), "torch_threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "rows": rows}
-    name = f"{datetime.date.today()}-{platform.node()}-training_time.json"
-    path = Path(__file__).parent / "results" / name
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {path}")
+    write_report("training_time", report)
 
 
 if __name__ == "__main__":
