@@ -90,6 +90,14 @@ class Backbone(nn.Module):
         proj = self.text_projection
         return proj.out_features if proj is not None else self.text_width
 
+    @property
+    def shared_space(self) -> bool:
+        """Whether image and text features live in one embedding space: a CLIP-style
+        checkpoint whose projections map both towers into it. Equal widths alone say
+        nothing (DINOv2-S and MiniLM are both 384 wide and were never aligned)."""
+        return (self.visual_projection is not None and self.text_projection is not None
+                and self.image_embed_dim == self.text_embed_dim)
+
     def vision_blocks(self) -> nn.ModuleList:
         """The image tower's transformer blocks, found by structure, not attribute path."""
         return _transformer_blocks(self.vision)

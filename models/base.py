@@ -53,10 +53,8 @@ class AdaptedModel(nn.Module):
         self.text_loras: nn.ModuleDict | None = None
         if self.uses_cosine_head:
             self.logit_scale = nn.Parameter(torch.tensor(float(backbone.logit_scale_init)))
-            needs_projection = (backbone.visual_projection is None
-                                or backbone.image_embed_dim != backbone.text_embed_dim)
-            self.image_to_text = (nn.Linear(backbone.image_embed_dim, backbone.text_embed_dim)
-                                  if needs_projection else None)
+            self.image_to_text = (None if backbone.shared_space else
+                                  nn.Linear(backbone.image_embed_dim, backbone.text_embed_dim))
 
     @classmethod
     def fitted_defaults(cls, backbone: Backbone) -> dict[str, tuple[Any, str]]:

@@ -56,7 +56,7 @@ class GANetModel(AdaptedModel):
         with torch.no_grad():
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
-            if image_dim == text_dim:  # shared space: start as zero-shot CLIP
+            if backbone.shared_space:  # start as the towers' own zero-shot classifier
                 prompts = F.normalize(self.encode_prompts()[0], dim=-1)
                 scale = torch.tensor(float(backbone.logit_scale_init)).exp()
                 self.classifier.weight[:, :image_dim] = prompts * scale * 2**0.5

@@ -111,3 +111,29 @@ def test_only_adapter_and_head_weights_train(backbone_factory):
 def test_bad_options_are_refused(options):
     with pytest.raises(ConfigError, match="GANetConfig"):
         GANetConfig(**options)
+
+
+def test_towers_of_equal_width_are_not_a_shared_space(towers, tmp_path):
+    """Separate towers that happen to be equally wide (DINOv2-S and MiniLM: 384) were never
+    aligned: the head starts at zero, not at the class prompts, and the cosine-head
+    adapters learn a projection between the towers."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmdeploy.backbone import _tiny_image_processor, load_backbone
+    from mmdeploy.config import BackboneConfig
+
+    text_dir = towers(3).split(",")[1]  # a BERT tower 40 wide
+    vision_dir = tmp_path / "vision-40"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)
+                    ).save_pretrained(vision_dir)
+    _tiny_image_processor().save_pretrained(vision_dir)
+    spec = f"{vision_dir},{text_dir}"
+    backbone = load_backbone(BackboneConfig(spec=spec))
+    assert backbone.image_embed_dim == backbone.text_embed_dim == 40
+    assert not backbone.shared_space
+
+    model = GANetModel(backbone, GANetConfig(rank=8), CLASSES, TEMPLATE)
+    assert not model.classifier.weight.any()
+    zero_shot = ZeroShotModel(load_backbone(BackboneConfig(spec=spec)), None, CLASSES, TEMPLATE)
+    assert zero_shot.image_to_text is not None
