@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from mmdeploy.backbone import Backbone
 from mmdeploy.data import Sample
 from mmdeploy.errors import MmdeployError
 
@@ -29,21 +28,17 @@ CHECK_TOLERANCE = 1e-4  # float32: the split forward runs the very same modules
 
 
 @torch.no_grad()
-def cached_split(model, samples: list[Sample], backbone: Backbone, device: str,
-                 autocast: AbstractContextManager, desc: str, spill_path: Path,
-                 memory_limit_bytes: int) -> Split:
+def cached_split(model, samples: list[Sample], device: str, autocast: AbstractContextManager,
+                 desc: str, spill_path: Path, memory_limit_bytes: int) -> Split:
     """The samples as `model.frozen_features` of their pixels, each image computed once,
-    `CHUNK` at a time (the decoded pixels of a whole split are never held). The first chunk
-    also checks the split forward (`check_split_forward`)."""
+    `CHUNK` at a time (the decoded pixels of a whole split are never held)."""
     model.eval()
     storage = None
     start = 0
-    for pixels in pixel_chunks(samples, backbone, desc, CHUNK):
-        pixels = pixels.to(device)
+    for pixels in pixel_chunks(samples, model.backbone, desc, CHUNK):
         with autocast:
-            features = model.frozen_features(pixels).cpu()
+            features = model.frozen_features(pixels.to(device)).cpu()
         if storage is None:
-            check_split_forward(model, pixels)
             storage = _allocate((len(samples), *features.shape[1:]), features.dtype,
                                 spill_path, memory_limit_bytes)
         storage[start:start + len(features)] = features
@@ -52,12 +47,16 @@ def cached_split(model, samples: list[Sample], backbone: Backbone, device: str,
 
 
 @torch.no_grad()
-def check_split_forward(model, pixels: torch.Tensor) -> None:
-    """Refuse the cache unless the tower split in two (`Backbone.vision_tokens` then
-    `image_features_from`) gives what its own forward gives, on a few images in float32:
-    a tower whose blocks or final norm are laid out otherwise would train on wrong inputs."""
+def check_split_forward(model, samples: list[Sample], device: str) -> None:
+    """Refuse the cache unless the tower split in two inside (`Backbone.vision_tokens` then
+    `image_features_from`) gives what its own forward gives, on a few of `samples` in
+    float32: a tower whose blocks or final norm are laid out otherwise would train on wrong
+    inputs. Pooled features need no check: they are the tower's own output."""
+    if model.first_adapted_block() == len(model.backbone.vision_blocks()):
+        return
     model.eval()
-    pixels = pixels[:CHECK_IMAGES]
+    pixels = torch.cat(list(pixel_chunks(samples[:CHECK_IMAGES], model.backbone,
+                                         "check split"))).to(device)
     whole = model.image_features(pixels)
     model.reads_cache = True
     try:

@@ -28,7 +28,7 @@ from mmdeploy.errors import MmdeployError
 from mmdeploy.runs import RunConfig, build_model
 
 from .checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
-from .frozen_cache import cached_split
+from .frozen_cache import cached_split, check_split_forward
 from .losses import EWC
 from .split import Split, decode
 
@@ -39,9 +39,12 @@ class TrainResult:
     best_step: int
     test_accuracy: float
     steps: int
-    seconds: float
     parameters: dict
     phase_seconds: dict  # "prepare" (model, decoding, the frozen-prefix cache), "train", "test"
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.phase_seconds.values())
 
 
 def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
@@ -183,8 +186,9 @@ def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbon
     if not cfg.cache_features or model.first_adapted_block() is None:
         return (decode(splits.train, backbone, "decode train"),
                 decode(splits.val, backbone, "decode val"))
+    check_split_forward(model, splits.train, device)
     limit = cfg.cache_memory_mb * 2**20
-    cached = [cached_split(model, samples, backbone, device, autocast, f"cache {name}",
+    cached = [cached_split(model, samples, device, autocast, f"cache {name}",
                            run_dir.feature_cache_dir / f"{name}.bin", limit)
               for name, samples in (("train", splits.train), ("val", splits.val))]
     model.reads_cache = True
@@ -205,7 +209,7 @@ def _finish(run_dir, backbone, splits, state, clock, model, batch_size,
     _log(run_dir, {"event": "test", "step": state["step"], "best_step": state["best_step"],
                    "val_accuracy": state["best_val"], "test_accuracy": test_accuracy})
     return TrainResult(state["best_val"], state["best_step"], test_accuracy, state["step"],
-                       sum(phases.values()), model.parameter_report(), phases)
+                       model.parameter_report(), phases)
 
 
 def _validate(model, run_dir: RunDir, val_split: Split, batch_size: int, state: dict,
