@@ -296,8 +296,9 @@ def evaluate(
 
 
 def parity_batches(config: ExportConfig) -> list[int]:
-    """Batch 1, an odd batch, and the largest of the profile."""
-    odd = min(7, config.batch_max) | 1
+    """The profile's smallest and largest batch and an odd one (7 at most) within it."""
+    largest_odd = config.batch_max - (config.batch_max % 2 == 0)
+    odd = max(config.batch_min, min(7, largest_odd))
     return sorted({config.batch_min, odd, config.batch_max})
 
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ConfigError, ParityError
 from mmdeploy.exporters.parity import (
     Criterion,
@@ -10,6 +11,7 @@ from mmdeploy.exporters.parity import (
     compare,
     criterion_for,
     evaluate,
+    parity_batches,
 )
 
 BACKENDS = [
@@ -164,3 +166,12 @@ def test_report_json_round_trip():
     restored = ParityReport.from_dict(data)
     assert restored == report
     assert restored.worst == report.worst and restored.passed == report.passed
+
+
+@pytest.mark.parametrize("low, high, expected", [
+    (1, 32, [1, 7, 32]), (1, 4, [1, 3, 4]), (1, 2, [1, 2]), (1, 1, [1]), (4, 4, [4]),
+    (2, 8, [2, 7, 8]),
+])
+def test_parity_batches_stay_inside_the_profile(low, high, expected):
+    """An engine built for batches low..high is never checked outside them (1..4 once gave 5)."""
+    assert parity_batches(ExportConfig(batch_min=low, batch_opt=low, batch_max=high)) == expected
