@@ -51,13 +51,20 @@ def load_checkpoint(run_dir: RunDir, model, optimizer: torch.optim.Optimizer,
     tensors = load_safetensors(run_dir.checkpoint_dir / "state.safetensors")
     model.load_adapter_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     params = dict(model.named_parameters())
+    # safetensors loads on the CPU: the moments and the EWC tensors go to their parameter's
+    # device (a CUDA step refuses mixed devices); AdamW keeps its `step` count on the CPU.
     for name, p in params.items():
         moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
                    if k.startswith(f"optim.{name}.") and k.count(".") == name.count(".") + 2}
         if moments:
-            optimizer.state[p] = moments
+            optimizer.state[p] = {key: value if key == "step" else value.to(p.device)
+                                  for key, value in moments.items()}
     _restore_rng_states(tensors)
-    ewc = EWC.from_state_dict(tensors, ewc_lambda) if ewc_lambda > 0 else None
+    ewc = None
+    if ewc_lambda > 0:
+        ewc = EWC.from_state_dict({k: v.to(params[k.split(".", 2)[2]].device)
+                                   for k, v in tensors.items() if k.startswith("ewc.")},
+                                  ewc_lambda)
     return state, ewc
 
 

@@ -84,3 +84,30 @@ def test_cuda_rng_states_are_restored_for_the_devices_both_machines_have(
     else:
         assert [s.tolist() for s in resuming.restored] == \
             [s.tolist() for s in saving.states[:restored]]
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter")  # the weights: a no-op on meta
+def test_moments_and_ewc_are_restored_onto_the_parameters_device(tmp_path):
+    """safetensors loads on the CPU; a CUDA model's AdamW step and EWC penalty refuse CPU
+    state. A model on torch's `meta` device stands in for the GPU: a tensor left on the CPU
+    shows without one."""
+    from mmdeploy.trainers.losses import EWC
+
+    run_dir = RunDir(tmp_path)
+    model = TinyAdapter(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ewc = EWC({n: torch.ones_like(p) for n, p in model.named_parameters()},
+              {n: p.detach().clone() for n, p in model.named_parameters()}, strength=1.0)
+    save_checkpoint(run_dir, model, optimizer, {"step": 1}, ewc)
+
+    on_meta = TinyAdapter(3, 2, device="meta")
+    meta_optimizer = torch.optim.AdamW(on_meta.parameters())
+    _, restored = load_checkpoint(run_dir, on_meta, meta_optimizer, ewc_lambda=1.0)
+    for p in on_meta.parameters():
+        state = meta_optimizer.state[p]
+        assert state["exp_avg"].is_meta and state["exp_avg_sq"].is_meta
+        assert state["step"].device.type == "cpu"  # AdamW's own placement for its count
+    assert all(t.is_meta for t in [*restored.fisher.values(), *restored.reference.values()])
+    assert restored.penalty(on_meta).is_meta
