@@ -628,8 +628,11 @@ def onnx_backbone(model: onnx.ModelProto,
                   output: str = BACKBONE_OUTPUT) -> Callable[[np.ndarray], np.ndarray]:
     """ONNX Runtime on the original graph, with the internal tensor `output` as its output."""
     import onnx
-    import onnxruntime as ort
 
+    from mmdeploy.runtime.onnxruntime import onnxruntime_required
+
+    with onnxruntime_required():
+        import onnxruntime as ort
     if not any(output in node.output for node in model.graph.node):
         raise ConfigError(f"the graph has no tensor {output}")
     patched = onnx.ModelProto()

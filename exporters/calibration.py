@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from mmdeploy.data import read_image
 from mmdeploy.errors import ArtifactError, ConfigError, InputError, MmdeployError
 from mmdeploy.images import Preprocessor
 from mmdeploy.interface import INPUT_NAME
 from mmdeploy.runs import RunConfig
+from mmdeploy.runtime.onnxruntime import onnxruntime_required
+
+with onnxruntime_required():
+    from onnxruntime.quantization import CalibrationDataReader
 
 BATCH = 16  # images per calibration batch: bounds the intermediate outputs held at once
 

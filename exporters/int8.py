@@ -37,20 +37,22 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
 
 from mmdeploy.errors import ConfigError
-from mmdeploy.runtime.onnxruntime import OnnxSession
+from mmdeploy.runtime.onnxruntime import OnnxSession, onnxruntime_required
 
 from .calibration import PixelReader
 from .gate import GateReport, candidate_logits
 from .precision import fp32_nodes, head_nodes
+
+with onnxruntime_required():
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
 METHODS = ("dynamic", "static")
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

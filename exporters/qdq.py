@@ -39,6 +39,7 @@ from onnx import numpy_helper
 
 from mmdeploy.artifacts import sha256_file
 from mmdeploy.errors import ArtifactError, ConfigError
+from mmdeploy.runtime.onnxruntime import onnxruntime_required
 
 from .int8 import quiet_quantizer
 from .precision import TENSORRT_INT8_OPS, int8_plan
@@ -133,7 +134,8 @@ def write_tensorrt_qdq(fp32_onnx: Path, out: Path, reader,
     the external data file when the FP32 graph has one), sha256, quantized nodes and those
     left in float with the reason, seconds.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    with onnxruntime_required():
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     graph = onnx.load(str(fp32_onnx), load_external_data=False)
     plan = int8_plan(graph)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +18,31 @@ from .records import SERVING_PRECISIONS
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the quantized graph, published only when it passed its gate
+INSTALL_HINT = "pip install 'mm-peft-deploy[cpu]', or '[gpu]' for CUDA"
+# pip leaves an installed onnxruntime in place beside onnxruntime-gpu: both write one package
+GPU_HINT = "pip install 'mm-peft-deploy[gpu]' where onnxruntime is not installed"
+
+
+@contextmanager
+def onnxruntime_required() -> Iterator[None]:
+    """Wrap every import of onnxruntime: a failed one becomes one line naming the extra.
+
+    ONNX Runtime comes from the `cpu` extra (onnxruntime) or the `gpu` one (onnxruntime-gpu),
+    not from the base install: the two distributions write the same package.
+    """
+    try:
+        yield
+    except ImportError as exc:
+        if importlib.util.find_spec("onnxruntime") is None:
+            problem = "not installed"
+        else:  # installed but broken, e.g. half removed along with the other distribution
+            problem = f"installed but does not import ({str(exc).splitlines()[0]})"
+        raise BackendUnavailableError("onnxruntime", f"{problem}; {INSTALL_HINT}") from None
 
 
 def available_providers() -> list[str]:
-    try:
+    with onnxruntime_required():
         import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailableError("onnxruntime", f"cannot import onnxruntime ({exc}); "
-                                      "pip install onnxruntime") from None
     return onnxruntime.get_available_providers()
 
 
@@ -50,8 +69,7 @@ def choose_providers(available: list[str], tensorrt_importable: bool) -> Provide
     providers, skipped = [], []
     for name in GPU_PROVIDERS:
         if name not in available:
-            skipped.append(f"{name}: not in this onnxruntime (pip install "
-                           "'mm-peft-deploy[gpu]' for onnxruntime-gpu)")
+            skipped.append(f"{name}: not in this onnxruntime ({GPU_HINT})")
         elif name == "TensorrtExecutionProvider" and not tensorrt_importable:
             skipped.append(f"{name}: TensorRT's libraries are not installed (pip install "
                            "'mm-peft-deploy[trt]')")
@@ -83,7 +101,8 @@ def create_session(path: Path, threads: int | None = None,
 
     `profile` is the (min, opt, max) input shape, for the TensorRT provider.
     """
-    import onnxruntime
+    with onnxruntime_required():
+        import onnxruntime
 
     choice = choose_providers(available_providers(), _tensorrt_importable())
     options = onnxruntime.SessionOptions()

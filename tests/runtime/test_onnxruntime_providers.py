@@ -13,9 +13,9 @@ def test_cpu_only_onnxruntime_chooses_cpu_and_says_why():
     assert choice.providers == ["CPUExecutionProvider"]
     assert choice.skipped == [
         "TensorrtExecutionProvider: not in this onnxruntime (pip install "
-        "'mm-peft-deploy[gpu]' for onnxruntime-gpu)",
+        "'mm-peft-deploy[gpu]' where onnxruntime is not installed)",
         "CUDAExecutionProvider: not in this onnxruntime (pip install "
-        "'mm-peft-deploy[gpu]' for onnxruntime-gpu)",
+        "'mm-peft-deploy[gpu]' where onnxruntime is not installed)",
     ]
 
 
