@@ -24,6 +24,10 @@ run's graph and cannot be reproduced on the bench-only backbone export, so an "a
 overhead" would compare two differently quantized models. Its speed-up over the FP32
 onnxruntime row is reported instead.
 
+`--record` keeps each export backend's timing in the run's export records, where
+`pick_backend` reads it; `export --format auto` records the same timings itself, and is
+the usual way (see `mmdeploy.runtime.timing`).
+
 How close to the hardware: in the same run the bench measures ONNX Runtime's FP32 MatMul
 and INT8 MatMulInteger throughput on this machine (`peak`), counts the model's FLOPs
 from its exported FP32 graph, and gives each row's achieved GFLOP/s (FLOPs per image x
@@ -37,9 +41,7 @@ import copy
 import datetime
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,37 +50,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmdeploy.artifacts import RunDir, atomic_write_json, installed_versions
+from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_versions
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.errors import ConfigError, MmdeployError
 from mmdeploy.runs import RunConfig, load_model, load_run_config
+from mmdeploy.runtime import BACKEND_TABLE
+from mmdeploy.runtime.timing import (
+    Outputs,
+    Runner,
+    Timing,
+    cpu_name,
+    measure,
+    predictor_runner,
+    recorded,
+)
 
-Outputs = dict[str, np.ndarray]
 # Eager is the reference and always runs; the others run where available.
 INT8_BACKEND = "onnxruntime-int8"  # the run's CPU INT8 graph in ONNX Runtime
 EXPORT_BACKENDS = ("onnxruntime", INT8_BACKEND, "aoti", "tensorrt")
 BENCH_BACKENDS = ("eager", "compile", "eager-fp16", *EXPORT_BACKENDS)
 _VERSIONED = ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers")
-
-
-@dataclass
-class Runner:
-    """One backend ready to run one model: host pixels in, host outputs out."""
-
-    backend: str
-    device: str
-    precision: str
-    run: Callable[[np.ndarray], Outputs]
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    p90_ms: float
-    images_per_s: float
-    peak_rss_mb: float | None
-    cuda_peak_mb: float | None
 
 
 @dataclass
@@ -118,57 +110,6 @@ class BenchResult:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------- memory
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (Linux >= 4.0); False elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-# ---------------------------------------------------------------------------- timing
-
-
-def measure(runner: Runner, pixels: np.ndarray, warmup: int, iters: int) -> Timing:
-    """Warm up, then time `iters` calls; memory peaks are taken over the timed calls."""
-    for _ in range(warmup):
-        runner.run(pixels)
-    cuda = runner.device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    reset = _reset_peak_rss()
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        runner.run(pixels)  # outputs come back to the host: the work is done when it returns
-        times.append((time.perf_counter() - started) * 1e3)
-    median = statistics.median(times)
-    return Timing(
-        median_ms=round(median, 4),
-        p90_ms=round(float(np.percentile(times, 90)), 4),
-        images_per_s=round(len(pixels) / median * 1e3, 2),
-        peak_rss_mb=round(_peak_rss_mb(), 1) if reset else None,
-        cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-    )
-
-
 # ---------------------------------------------------------------------------- runners
 
 
@@ -199,15 +140,6 @@ def _eager_runners(deploy: nn.Module, wanted: set[str], skipped: dict) -> list[R
         else:
             skipped["eager-fp16"] = "FP16 eager is measured on CUDA only"
     return runners
-
-
-def _export_runner(run_dir: RunDir, backend: str) -> Runner:
-    """The run's verified export on `backend`, through its runtime predictor."""
-    from mmdeploy.runtime import load_predictor, pick_backend
-
-    pick_backend(run_dir.root, backend)  # raises with the reason when it cannot run here
-    predictor = load_predictor(run_dir.root, backend)
-    return Runner(backend, predictor.device, predictor.precision, predictor.run_pixels)
 
 
 def _int8_runner(run_dir: RunDir) -> tuple[Runner, dict]:
@@ -283,7 +215,7 @@ def bench_run(run_path: str | Path, batches: list[int], backends: list[str] | No
             if backend == INT8_BACKEND:
                 runner, int8_info = _int8_runner(run_dir)
             else:
-                runner = _export_runner(run_dir, backend)
+                runner = predictor_runner(run_dir.root, backend)
             adapted.append(runner)
         except MmdeployError as exc:
             skipped[backend] = str(exc)
@@ -394,15 +326,8 @@ def _new_result(run_dir: RunDir, run: RunConfig, deploy: nn.Module, batches: lis
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu}
 
 
@@ -417,6 +342,33 @@ def default_results_path(label: str) -> Path:
 def write_result(result: BenchResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result.to_dict())
+
+
+RECORDED_BACKENDS = ("onnxruntime", "aoti", "tensorrt")
+"""The bench's rows that `--record` keeps: the backends `pick_backend` chooses among."""
+
+
+def record_timings(run_path: str | Path, result: BenchResult) -> list[str]:
+    """`bench --record`: keep the bench's timing of each backend above in the record of the
+    FP32 export it ran (for `pick_backend`), the row at that export's OPT batch or else at
+    the nearest batch benched; one line for each timing kept."""
+    run_dir = RunDir(Path(run_path))
+    if not run_dir.manifest_path.exists():
+        return []
+    manifest = Manifest.load(run_dir.manifest_path)
+    lines = []
+    for backend in RECORDED_BACKENDS:
+        record = manifest.record(BACKEND_TABLE[backend].record_for("fp32"))
+        rows = [row for row in result.rows if row.backend == backend]
+        if record is None or not rows:
+            continue
+        opt = record.batch_range.get("opt", record.batch_range["min"])
+        row = min(rows, key=lambda r: abs(r.batch - opt))
+        record.add_timing(recorded(row.device, row.batch, row.adapted.median_ms, "bench"))
+        lines.append(f"recorded {backend} on {row.device}: {row.adapted.median_ms:.2f} ms at "
+                     f"batch {row.batch}")
+    manifest.save(run_dir.manifest_path)
+    return lines
 
 
 def render_table(result: BenchResult):

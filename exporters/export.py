@@ -12,6 +12,11 @@ kept aside the same way, and recorded as the manifest's "int8" export.
 
 Each published export is one `ExportRecord` in the manifest, under its format's name: its
 files and hashes, backend, precision, interface, its own batch range and its check report.
+
+`--format auto` exports every format this machine can build, then times each one through
+the predictor that serves it, briefly, at the export's OPT batch (`_time_exports`), and
+keeps the timing in its record: `pick_backend` serves the fastest one timed on the device
+present. This is where timings are normally made; `bench --record` can refresh them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmdeploy.artifacts import (
@@ -34,9 +40,10 @@ from mmdeploy.artifacts import (
 )
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
-from mmdeploy.errors import ArtifactError
+from mmdeploy.errors import ArtifactError, MmdeployError
 from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.runs import RunConfig, load_model, load_run_config
+from mmdeploy.runtime import timing
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
 from .calibration import PixelReader, calibration_reader
@@ -48,6 +55,7 @@ from .triton import write_repository
 
 _VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
               "onnxruntime-gpu", "tensorrt")
+TIMING_WARMUP, TIMING_ITERS = 3, 10  # `--format auto`: brief, enough to rank backends by
 
 
 def export_run(run_path: str | Path, config: ExportConfig,
@@ -59,6 +67,8 @@ def export_run(run_path: str | Path, config: ExportConfig,
     manifest = _existing_manifest(run_dir)
     device = torch_device()
     plan = plan_export(config, manifest.record("onnx") is not None, device)
+    for fmt, problem in plan.left_out.items():
+        log(f"auto: leaving out {fmt}: {problem}")
     for fmt, precision in plan.formats:
         log(f"will export {fmt} ({precision})")
     if plan.int8:
@@ -72,6 +82,8 @@ def export_run(run_path: str | Path, config: ExportConfig,
             calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
         if plan.formats:
             _export_formats(plan.formats, run_dir, run, config, reference, manifest, device, log)
+        if plan.timed:
+            _time_exports(run_dir, manifest, [fmt for fmt, _ in plan.formats], log)
         if plan.int8:
             _export_int8(run_dir, run, reference, config, manifest, calibration, log)
             manifest.save(run_dir.manifest_path)
@@ -99,6 +111,27 @@ def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig
         # Saved after each format: a later one failing leaves this one listed and servable.
         manifest.deploy_form_max_abs, manifest.parity_seed = form_gap, seed
         manifest.save(run_dir.manifest_path)
+
+
+def _time_exports(run_dir: RunDir, manifest: Manifest, names: list[str],
+                  log: Callable[[str], None]) -> None:
+    """Time each export in `names` as it is served (its runtime predictor, on the device it
+    picks) at its OPT batch, and keep the timing in its record."""
+    for name in names:
+        record = manifest.exports[name]
+        try:
+            runner = timing.predictor_runner(run_dir.root, record.backend)
+        except MmdeployError as exc:  # built here, but cannot run here (a TensorRT mismatch)
+            log(f"not timing {record.backend}: {exc}")
+            continue
+        batch = record.batch_range["opt"]
+        shape = (batch, *record.inputs[0]["shape"][1:])  # [batch, 3, H, W]
+        pixels = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        median_ms = timing.measure(runner, pixels, TIMING_WARMUP, TIMING_ITERS).median_ms
+        record.add_timing(timing.recorded(runner.device, batch, median_ms, "export"))
+        log(f"timed {record.backend} on {runner.device}: {median_ms:.2f} ms at batch {batch} "
+            f"(median of {TIMING_ITERS})")
+    manifest.save(run_dir.manifest_path)
 
 
 def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfig,

@@ -7,6 +7,7 @@ runs them (for parity) and the facts to record in the manifest. Staging, parity,
 failed export aside and publishing are the same for every format. A new format is one
 builder and one line in `FORMATS`. After the formats come the exports derived from the
 verified ONNX graph (`DERIVED`): ONNX Runtime's INT8 graph and a Triton repository.
+`--format auto` is every format this machine can build (`Format.build_problem`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ class Format:
     build: Callable[[ExportJob, Path], Built]
     fp16_problem: Callable[[str], str | None]  # device -> why no FP16 there, or None
     needs_onnx: bool = False
+    # device -> why this machine cannot build the format there, or None
+    build_problem: Callable[[str], str | None] = lambda device: None
+
+
+def _aoti_build_problem(device: str) -> str | None:
+    """On CPU AOTInductor compiles C++: without the compiler it would fail after tracing."""
+    if device != "cpu":
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own untyped errors for a missing compiler
+        return f"AOTInductor on CPU needs a C++ compiler ({str(exc).splitlines()[0]})"
+    return None
 
 
 def _build_onnx(job: ExportJob, staging: Path) -> Built:
@@ -125,9 +141,14 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
 FORMATS: dict[str, Format] = {
     "onnx": Format("onnxruntime", _build_onnx,
                    lambda device: "the ONNX graph stays FP32 (TensorRT builds FP16 from it)"),
-    "aoti": Format("aoti", _build_aoti, fp16_problem),
-    "tensorrt": Format("tensorrt", _build_tensorrt, lambda device: None, needs_onnx=True),
+    "aoti": Format("aoti", _build_aoti, fp16_problem, build_problem=_aoti_build_problem),
+    "tensorrt": Format("tensorrt", _build_tensorrt, lambda device: None, needs_onnx=True,
+                       build_problem=lambda device: unavailable_reason()),
 }
+
+AUTO = "auto"
+"""`--format auto`: every format this machine can build, each then timed at the export's
+OPT batch and the timings kept in its record, so `pick_backend` serves the fastest."""
 
 
 DERIVED = ("int8", "triton")
@@ -137,11 +158,15 @@ DERIVED = ("int8", "triton")
 @dataclass(frozen=True)
 class ExportPlan:
     """What one `export_run` does, in order: each format at its precision, then the derived
-    exports: quantize the ONNX graph to INT8 (`int8`), write a Triton repository (`triton`)."""
+    exports: quantize the ONNX graph to INT8 (`int8`), write a Triton repository (`triton`);
+    with `--format auto`, time each format built (`timed`); `left_out`: the formats `auto`
+    could not build here, and why."""
 
     formats: list[tuple[str, str]]
     int8: bool
     triton: bool
+    timed: bool = False
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def plan_export(config: ExportConfig, has_onnx: bool, device: str) -> ExportPlan:
@@ -149,8 +174,13 @@ def plan_export(config: ExportConfig, has_onnx: bool, device: str) -> ExportPlan
     checked before anything is loaded or built: the derived exports bring in the ONNX export
     when the run has none, and a missing extra is said first."""
     requested = tuple(config.formats)
-    triton = "triton" in requested
-    formats = tuple(f for f in requested if f != "triton")
+    triton, timed = "triton" in requested, AUTO in requested
+    formats = tuple(f for f in requested if f not in ("triton", AUTO))
+    left_out = {}
+    if timed:
+        problems = {name: fmt.build_problem(device) for name, fmt in FORMATS.items()}
+        formats += tuple(name for name, problem in problems.items() if problem is None)
+        left_out = {name: problem for name, problem in problems.items() if problem}
     if triton:
         from .triton import model_config_pb2
 
@@ -159,7 +189,7 @@ def plan_export(config: ExportConfig, has_onnx: bool, device: str) -> ExportPlan
     if triton and not has_onnx and "onnx" not in formats:
         formats = ("onnx", *formats)
     return ExportPlan(plan_formats(formats, config.fp16, device, has_onnx,
-                                   int8=config.int8 is not None), int8, triton)
+                                   int8=config.int8 is not None), int8, triton, timed, left_out)
 
 
 def _int8_targets(formats: tuple[str, ...], config: ExportConfig,
@@ -200,8 +230,9 @@ def plan_formats(formats: tuple[str, ...], fp16: bool, device: str,
     wanted = set(formats)
     if not has_onnx and any(FORMATS[f].needs_onnx for f in wanted):
         wanted.add("onnx")
-    if "tensorrt" in wanted and (reason := unavailable_reason()):
-        raise BackendUnavailableError("tensorrt", reason)
+    for fmt in sorted(wanted):
+        if reason := FORMATS[fmt].build_problem(device):
+            raise BackendUnavailableError(FORMATS[fmt].backend, reason)
     plan = []
     for fmt in (f for f in FORMATS if f in wanted):  # the table's order: onnx first
         problem = FORMATS[fmt].fp16_problem(device) if fp16 else None

@@ -303,7 +303,30 @@ class RunDir:
 MANIFEST_VERSION = 2
 """2: one typed record per export. mmdeploy 0.1.0 wrote version 1 (no `format_version`): one
 `files` table, `parity` keyed by backend and a shared `extra["batch_range"]` that each
-format overwrote, so which range belonged to which export was lost; those are refused."""
+format overwrote, so which range belonged to which export was lost; those are refused.
+A record's `timings` came later within version 2 and are optional: a record without them
+loads with none."""
+
+
+@dataclass
+class RecordedTiming(ConfigBase):
+    """How fast an export's backend ran, kept in its record: on which device ("cpu" or
+    "cuda") and which model of it (the CPU's model string, the GPU's name: a timing made on
+    another machine says nothing about this one), the median milliseconds of one call at
+    `batch`, when (ISO 8601, UTC) and by what (`export --format auto` or `bench --record`).
+    `pick_backend` serves the run on the fastest one timed on the device present."""
+
+    device: str
+    device_name: str
+    batch: int
+    median_ms: float
+    measured_at: str
+    source: str
+
+    @property
+    def ms_per_image(self) -> float:
+        """What timings at different batches are compared by."""
+        return self.median_ms / self.batch
 
 
 @dataclass
@@ -314,7 +337,9 @@ class ExportRecord(ConfigBase):
     "shape"}, "batch" for the dynamic axis), its own batch range ({"min", "opt", "max"}), the
     device it was compiled for (None: any), the check it passed (a parity or gate report's
     `to_dict()`, with "kind" and "passed"), the exporter versions, and the format's own
-    facts (`details`: node counts, lint findings, build seconds, the TensorRT profile, ...).
+    facts (`details`: node counts, lint findings, build seconds, the TensorRT profile, ...);
+    and how fast its backend ran on each device model it was timed on (`timings`, optional:
+    records made before timings were kept have none).
     """
 
     backend: str
@@ -328,6 +353,7 @@ class ExportRecord(ConfigBase):
     device: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    timings: list[RecordedTiming] = field(default_factory=list)
 
     @property
     def main_file(self) -> str:
@@ -341,6 +367,17 @@ class ExportRecord(ConfigBase):
     def batch_limits(self) -> tuple[int, int]:
         """(smallest, largest) batch the export takes."""
         return self.batch_range["min"], self.batch_range["max"]
+
+    def timing(self, device: str, device_name: str) -> RecordedTiming | None:
+        """The timing made on `device` of model `device_name`, if any."""
+        return next((t for t in self.timings
+                     if (t.device, t.device_name) == (device, device_name)), None)
+
+    def add_timing(self, timing: RecordedTiming) -> None:
+        """Keep `timing`, replacing an earlier one made on the same device model."""
+        self.timings = [t for t in self.timings
+                        if (t.device, t.device_name) != (timing.device, timing.device_name)]
+        self.timings.append(timing)
 
     def add_file(self, export_dir: PathLike, relpath: str) -> None:
         """Record (or refresh) the sha256 and size of `export_dir/relpath`."""
@@ -426,6 +463,11 @@ class Manifest(ConfigBase):
                     return f"files entry {file!r} needs a sha256 string and an integer size"
             if not all(isinstance(record.batch_range.get(k), int) for k in ("min", "max")):
                 return f"export {name!r}: batch_range needs integer min and max"
+            for timing in record.timings:
+                if not (isinstance(timing.batch, int) and timing.batch > 0
+                        and isinstance(timing.median_ms, int | float)):
+                    return f"export {name!r}: a timing needs a positive integer batch and a " \
+                           "median_ms number"
         return None
 
     def verify_files(self, export_dir: PathLike) -> None:
@@ -437,7 +479,7 @@ class Manifest(ConfigBase):
 _RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
     "backend": str, "precision": str, "batch_range": dict, "check": dict, "files": dict,
     "inputs": list, "outputs": list, "opset": (int, type(None)), "versions": dict,
-    "details": dict,
+    "details": dict, "timings": list,
 }
 _JSON_NAMES = {str: "string", dict: "JSON object", list: "JSON list",
                (int, type(None)): "integer or null"}

@@ -162,7 +162,8 @@ def options(adapter) -> None:
               help="Comma-separated: onnx, aoti (AOTInductor .pt2), tensorrt (needs a GPU and "
                    "the [trt] extra; builds from the ONNX, which it exports too if missing), "
                    "triton (a Triton model repository of the verified ONNX and TensorRT files; "
-                   "the [triton] extra).")
+                   "the [triton] extra), auto (every format this machine can build, each "
+                   "then timed at the OPT batch: infer and serve use the fastest).")
 @click.option("--batch-range", default="1,8,32", show_default=True,
               help="MIN,OPT,MAX batch of the dynamic axis (TensorRT's profile); parity runs "
                    "at MIN, an odd batch and MAX.")
@@ -196,6 +197,7 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     Examples:
       mmdeploy export --adapter hmmoe --run runs/hmmoe-demo --format onnx --batch-range 1,8,32
       mmdeploy export --run runs/hmmoe-demo --format onnx,aoti
+      mmdeploy export --run runs/hmmoe-demo --format auto   # all that builds here, timed
       mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
       mmdeploy export --run runs/hmmoe-demo --format triton --out model_repository
       mmdeploy export --run runs/hmmoe-demo --int8 static --calib 64   # INT8, gated
@@ -203,7 +205,9 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     from .artifacts import RunDir
     from .config import ExportConfig
     from .exporters.export import export_run
+    from .exporters.formats import AUTO
     from .runs import load_run_config
+    from .runtime import default_precision, pick_backend
 
     run = load_run_config(RunDir(run_path))
     if adapter is not None and adapter != run.adapter:
@@ -223,6 +227,9 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     if "triton" in requested:
         repository = manifest.exports["triton"].details["repository"]
         click.echo(f"Triton model repository (validated) -> {repository}")
+    if AUTO in requested:
+        chosen, _ = pick_backend(run_path, precision=default_precision(run_path))
+        click.echo(f"infer and serve will use {chosen} (`mmdeploy infer` says why)")
 
 
 @cli.command()
@@ -368,8 +375,12 @@ def _batches(text: str) -> list[int]:
                    "measured (0 skips it).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Results file (default: benchmarks/results/<date>-<host>-<backbone>.json).")
+@click.option("--record", is_flag=True,
+              help="Also keep each export backend's timing (at its export's OPT batch, or the "
+                   "nearest benched) in the run's export records: infer and serve then use "
+                   "the fastest on this machine (`export --format auto` records them too).")
 def bench(run_path, batches, backends, backbone, adapter, warmup, iters, peak_size,
-          out) -> None:
+          out, record) -> None:
     """Time every available backend against PyTorch eager in one process: median and p90
     latency, images/s, peak memory, ratio to eager, and the frozen backbone alone beside
     the adapted model; each backend's achieved GFLOP/s as a share of this machine's ONNX
@@ -380,10 +391,17 @@ def bench(run_path, batches, backends, backbone, adapter, warmup, iters, peak_si
     Examples:
       mmdeploy bench runs/hmmoe-demo --batch 1,8,32
       mmdeploy bench runs/bench-vitb16 --backbone vit-b16 --batch 1,8,32 --iters 10
+      mmdeploy bench runs/hmmoe-demo --batch 8 --record   # infer and serve pick by it
     """
     from rich.console import Console
 
-    from .bench.backends import bench_run, default_results_path, render_table, write_result
+    from .bench.backends import (
+        bench_run,
+        default_results_path,
+        record_timings,
+        render_table,
+        write_result,
+    )
 
     sizes = _batches(batches)
     label = None
@@ -402,6 +420,10 @@ def bench(run_path, batches, backends, backbone, adapter, warmup, iters, peak_si
     path = out or default_results_path(label or Path(result.backbone).name)
     write_result(result, path)
     click.echo(f"-> {path}")
+    if record:
+        lines = record_timings(run_path, result)
+        for line in lines or ["--record: no export backend was benched; nothing recorded"]:
+            click.echo(line)
 
 
 @cli.command()

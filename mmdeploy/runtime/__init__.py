@@ -6,6 +6,9 @@ its predictor loads. `RANKING` follows from it, DESIGN section 7's order, fastes
 TensorRT > ONNX Runtime on CUDA > AOTInductor on CUDA > ONNX Runtime on CPU > AOTInductor on
 CPU > PyTorch eager. A backend is passed over when the run has no verified export for it
 (said once per backend) or when this machine cannot run it on that device (said per device).
+`RANKING` is the fallback: which is fastest depends on the model, the batch and the
+machine, so where the export records hold timings made on this machine's device model
+(`export --format auto`, `bench --record`), the fastest of those serves instead.
 
 Precision: FP32 by default (an export's own precision: an FP16 engine serves "fp32"
 requests too); INT8 (`precision="int8"`) is the run's INT8 record, which only ONNX Runtime
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Kept light (no torch): the CLI reads BACKENDS for `infer --backend` at import time.
-from ..artifacts import ExportRecord, Manifest, RunDir
+from ..artifacts import ExportRecord, Manifest, RecordedTiming, RunDir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError, MmdeployError
 from .records import EXPORT_HINTS, SERVING_PRECISIONS
 
@@ -29,10 +32,11 @@ if TYPE_CHECKING:
 
 Problem = Callable[[str, ExportRecord, RunDir], "str | None"]
 Loader = Callable[[Path, str, "int | None"], "Predictor"]
+Candidate = tuple[str, "str | None"]  # (backend, device); torch's device is None
 
 
 def _onnxruntime_problem(device: str, record: ExportRecord, run_dir: RunDir) -> str | None:
-    from .onnxruntime import available_providers, choose_providers
+    from .onnxruntime import GPU_HINT, available_providers, choose_providers
 
     try:
         available = available_providers()
@@ -42,7 +46,7 @@ def _onnxruntime_problem(device: str, record: ExportRecord, run_dir: RunDir) -> 
         return "INT8 graphs are served on the CPU provider"
     if device == "cuda" and "CUDAExecutionProvider" not in choose_providers(
             available, tensorrt_importable=False).providers:
-        return "this onnxruntime has no CUDA provider (pip install 'mm-peft-deploy[gpu]')"
+        return f"this onnxruntime has no CUDA provider ({GPU_HINT})"
     return None
 
 
@@ -173,9 +177,16 @@ def default_precision(run_path: str | Path) -> str:
 
 def pick_backend(run_path: str | Path, requested: str | None = None,
                  precision: str = "fp32") -> tuple[str, list[str]]:
-    """The backend to use and, for each faster one passed over, why (once per backend for a
+    """The backend to use and, for each one passed over, why (once per backend for a
     missing export, once per device for what this machine lacks). With `precision="int8"`
-    only backends with an INT8 record are candidates (onnxruntime)."""
+    only backends with an INT8 record are candidates (onnxruntime).
+
+    The fastest per image among the candidates timed on this machine's device model (the
+    export records' `timings`, made by `export --format auto` or `bench --record`) wins;
+    each other candidate timed here is passed over with both timings, each untimed one
+    ranked above it as not timed here, and timings made on another device model are
+    ignored (said once). Without timings for this machine, the first candidate in `RANKING`.
+    """
     if precision not in SERVING_PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from "
                           f"{', '.join(SERVING_PRECISIONS)}")
@@ -187,16 +198,73 @@ def pick_backend(run_path: str | Path, requested: str | None = None,
         return requested, _check_requested(requested, ranking, precision, run_dir, manifest)
     skipped = [] if precision == "fp32" else \
         [f"other backends: {precision.upper()} is served by {_served_by(ranking)} only"]
+    # Timings are compared only when some record has one: every candidate is checked then.
+    timed = not isinstance(manifest, str) and any(r.timings for r in manifest.exports.values())
+    available, reasons = [], {}
     for backend, device in ranking:
         reason, about_files = _reasons(backend, device, precision, run_dir, manifest)
         if reason is None:
-            return backend, skipped
-        line = f"{backend}: {reason}" if about_files else f"{backend} on {device}: {reason}"
+            available.append((backend, device))
+            if not timed:
+                break
+        else:
+            reasons[backend, device] = (f"{backend}: {reason}" if about_files
+                                        else f"{backend} on {device}: {reason}")
+    if not available:  # no fallback: the run's own weights are not INT8
+        raise BackendUnavailableError(ranking[0][0], f"{precision}: {reason}")
+    here, stale = _timings_here(available, precision, manifest) if timed else ({}, None)
+    chosen = min(here, key=lambda c: here[c].ms_per_image) if here else available[0]
+    skipped += [stale] if stale else []
+    rank = ranking.index(chosen)
+    for position, candidate in enumerate(ranking):
+        if candidate in here and candidate != chosen:
+            line = _slower_line(candidate, chosen, here)
+        elif position < rank:  # unavailable, or (chosen by timing) available but untimed
+            line = reasons.get(candidate) or _untimed_line(candidate, chosen, here[chosen])
+        else:
+            continue
         if line not in skipped:
             skipped.append(line)
-    if precision != "fp32":  # no fallback: the run's own weights are not INT8
-        raise BackendUnavailableError(ranking[0][0], f"{precision}: {reason}")
-    raise AssertionError("torch is always available")
+    return chosen[0], skipped
+
+
+def _timings_here(available: list[Candidate], precision: str,
+                  manifest: Manifest) -> tuple[dict[Candidate, RecordedTiming], str | None]:
+    """The timing of each available candidate made on the model of its device here, and a
+    line about the first timing made on another model, if any."""
+    from .timing import device_name
+
+    here, stale, names = {}, None, {}
+    for backend, device in available:
+        if backend == "torch":  # the run's own weights: never timed
+            continue
+        record = manifest.exports[BACKEND_TABLE[backend].record_for(precision)]
+        on_device = [t for t in record.timings if t.device == device]
+        if not on_device:
+            continue
+        name = names.setdefault(device, device_name(device))
+        if (timing := record.timing(device, name)) is not None:
+            here[backend, device] = timing
+        elif stale is None:
+            stale = (f"timings made on another {device} ({on_device[0].device_name!r}; this "
+                     f"machine has {name!r})")
+    return here, stale
+
+
+def _slower_line(candidate: Candidate, chosen: Candidate,
+                 here: dict[Candidate, RecordedTiming]) -> str:
+    (backend, device), timing, best = candidate, here[candidate], here[chosen]
+    return (f"{backend} on {device}: {_timed(timing)} here; {chosen[0]} on {chosen[1]} took "
+            f"{_timed(best)}, the fastest per image of the {len(here)} timed here")
+
+
+def _untimed_line(candidate: Candidate, chosen: Candidate, best: RecordedTiming) -> str:
+    return (f"{candidate[0]} on {candidate[1]}: not timed on this machine, {chosen[0]} on "
+            f"{chosen[1]} was ({_timed(best)}); `mmdeploy bench RUN --record` times both")
+
+
+def _timed(timing: RecordedTiming) -> str:
+    return f"{timing.median_ms:.2f} ms at batch {timing.batch}"
 
 
 def _check_requested(requested: str, ranking: list[tuple[str, str | None]], precision: str,
