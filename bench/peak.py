@@ -14,6 +14,11 @@ and Gemm (attention's score and value products included, as they are MatMul node
 2 * output elements * input channels per group * kernel size for each Conv. Softmax,
 normalisation, activations and other elementwise ops are not counted: they are a few
 percent of a ViT's work and no matmul peak bounds them.
+
+On a GPU (and for `benchmarks/gpu_check.py`), the peak is torch's own: `measure_torch_peak`
+times `torch.matmul` of two large square matrices on the device, per precision (FP32 with
+TF32 off, TF32, BF16, FP16), the way a model's compiled matmuls reach cuBLAS; and a model's
+FLOPs can be counted without an ONNX graph by `torch.utils.flop_counter.FlopCounterMode`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mmdeploy.runtime.onnxruntime import CPU_PROVIDER, create_session
@@ -163,3 +169,76 @@ def _node_flops(node: onnx.NodeProto, inputs: list, output: list | None) -> int 
 
 def _known(shape: list | None) -> bool:
     return shape is not None and len(shape) > 0 and all(d is not None and d > 0 for d in shape)
+
+
+# ---------------------------------------------------------------------------- torch's peak
+
+# precision -> the dtype of both operands; "tf32" is FP32 operands with TF32 matmuls allowed.
+TORCH_PEAK_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                     "fp16": torch.float16}
+
+
+@dataclass
+class TorchPeak:
+    """`torch.matmul` throughput of two `size`-square matrices on `device`, median of
+    `iters` timed calls after a warm-up, in GFLOP/s by precision: "fp32" (TF32 off, torch's
+    default), "tf32" (CUDA only), "bf16", "fp16". A row of a precision is measured against
+    the peak of the same precision."""
+
+    device: str
+    size: int
+    iters: int
+    gflops: dict[str, float]
+
+    def for_precision(self, precision: str) -> float | None:
+        return self.gflops.get(precision)
+
+
+def measure_torch_peak(device: str = "cuda", size: int = 8192, iters: int = 10,
+                       precisions: tuple[str, ...] | None = None) -> TorchPeak:
+    """Time `torch.matmul(a, b, out=c)` for each precision (default: all on CUDA; FP32, BF16
+    and FP16 on CPU, where TF32 does not exist). CUDA is synchronized before the clock
+    starts and after each call. torch's FP32 matmul precision is restored afterwards."""
+    if precisions is None:
+        precisions = tuple(p for p in TORCH_PEAK_DTYPES if device == "cuda" or p != "tf32")
+    unknown = sorted(set(precisions) - set(TORCH_PEAK_DTYPES))
+    if unknown:
+        raise ValueError(f"unknown precision(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(TORCH_PEAK_DTYPES)}")
+    if "tf32" in precisions and device != "cuda":
+        raise ValueError("TF32 is a CUDA matmul mode; measure fp32 on the CPU")
+    flops = 2 * size**3
+    gflops = {}
+    saved = torch.get_float32_matmul_precision()
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        for precision in precisions:
+            torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+            dtype = TORCH_PEAK_DTYPES[precision]
+            a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+                    for _ in range(2))
+            out = torch.empty(size, size, device=device, dtype=dtype)
+            seconds = _median_matmul_seconds(a, b, out, iters, device)
+            gflops[precision] = flops / seconds / 1e9  # unrounded: a small CPU check is < 0.1
+            del a, b, out
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    return TorchPeak(device, size, iters, gflops)
+
+
+def _median_matmul_seconds(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, iters: int,
+                           device: str) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):  # warm-up: cuBLAS handles, heuristics, clocks
+        torch.matmul(a, b, out=out)
+    sync()
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
