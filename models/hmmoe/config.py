@@ -18,7 +18,10 @@ class HMMoEConfig(ConfigBase):
     """One HMMoE layer beside the FFN of each of the last `num_layers` image-tower blocks.
 
     `top_k` == len(experts) means dense gating. `router_noise` is the std of the Gaussian noise
-    on the router logits in training. `scale` is s in y = y + ffn(ln(y)) + s * HMMoE(ln(y), ctx).
+    on the router logits in training. `scale` is s in y = y + ffn(ln(y)) + s * HMMoE(ln(y), ctx):
+    4, because the top-k gate and the experts' own sigmoids shrink each step's change to a
+    fraction of LoRA's (whose gain is alpha / rank); on the real pair at 16 shots, 3 seeds:
+    80.3 ± 2.1% against 77.2 ± 1.3% at s = 1 (docs/learning.md).
     `text_lora_rank` = 0 leaves the text tower without LoRA. `context` is "prompts" (one
     context token per class prompt) or "captions" (one token: the sample's caption, the empty
     caption when it has none, as serving images alone does).
@@ -36,7 +39,7 @@ class HMMoEConfig(ConfigBase):
     router: str = "sample"
     router_noise: float = 1.0
     balance_loss_weight: float = 0.01
-    scale: float = 1.0
+    scale: float = 4.0
     text_lora_rank: int = 0
     text_lora_alpha: float = 16.0
     context: str = "prompts"
