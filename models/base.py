@@ -32,6 +32,10 @@ class AdaptedModel(nn.Module):
     # True while the trainer feeds `frozen_features(pixels)` in place of pixels (its cache of
     # what the frozen part of the image tower makes of each image).
     reads_cache: bool = False
+    # Set on a branch of a shared trunk (`models.shared`): `forward` takes what the frozen
+    # tower makes of pixels up to this block (the tokens entering it; the pooled features at
+    # the tower's depth), which may lie before `first_adapted_block()`.
+    input_block: int | None = None
 
     def __init__(self, backbone: Backbone, config: ConfigBase, class_names: list[str],
                  prompt_template: str):
@@ -104,10 +108,13 @@ class AdaptedModel(nn.Module):
 
     def image_features(self, inputs: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features [B, D] (with the adapter's hooks) for pixels,
-        or, while `reads_cache`, for what `frozen_features` made of them."""
-        if not self.reads_cache:
+        or, while `reads_cache`, for what `frozen_features` made of them, or, with
+        `input_block` set, for what the tower made of them up to that block."""
+        block = self.input_block
+        if block is None and self.reads_cache:
+            block = self.first_adapted_block()
+        if block is None:
             return self.backbone.image_features(inputs)
-        block = self.first_adapted_block()
         if block == len(self.backbone.vision_blocks()):
             return inputs
         return self.backbone.image_features_from(inputs, block)
