@@ -53,7 +53,7 @@ from .int8 import Quantizer, quantize_gated
 from .parity import parity_batches, parity_inputs, run_parity
 from .triton import write_repository
 
-_VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
+VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
               "onnxruntime-gpu", "tensorrt")
 TIMING_WARMUP, TIMING_ITERS = 3, 10  # `--format auto`: brief, enough to rank backends by
 
@@ -160,21 +160,21 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
             log(f"int8: ranking on the gate's images instead ({exc})")
             return data.pixels
 
-    with _staging(export_dir) as staging:
+    with staging_dir(export_dir) as staging:
         with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
             quantizer = Quantizer(export_dir / ONNX_FILE, config.int8, Path(work), calibration,
                                   config.calib_method)
             result = quantize_gated(quantizer, gate, probe, log)
             os.replace(result.path, staging / INT8_FILE)
         if not result.report.passed:
-            _keep_aside(staging, export_dir, result.to_dict(INT8_FILE), INT8_FILE)
+            keep_aside(staging, export_dir, result.to_dict(INT8_FILE), INT8_FILE)
             result.raise_if_failed(f"{INT8_FILE}.failed")
         record = ExportRecord(
             backend="onnxruntime", precision="int8", batch_range=dict(onnx.batch_range),
             check=result.report.to_dict(), inputs=onnx.inputs, outputs=onnx.outputs,
-            opset=onnx.opset, versions=installed_versions(_VERSIONED),
+            opset=onnx.opset, versions=installed_versions(VERSIONED),
             details={**result.details(), "serve_default": config.serve_int8})
-        _publish(staging, export_dir, record, [INT8_FILE])
+        publish(staging, export_dir, record, [INT8_FILE])
     manifest.exports["int8"] = record
     log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
         f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
@@ -184,7 +184,7 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
 def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifest) -> None:
     """Build into export/.staging/, check parity, then publish or keep aside."""
     export_dir = job.run_dir.export_dir
-    with _staging(export_dir) as staging:
+    with staging_dir(export_dir) as staging:
         built = FORMATS[fmt].build(job, staging)
         if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
             job.log(f"checking {built.backend} int8 against the accuracy gate")
@@ -197,7 +197,7 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
                     "images)")
             report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
         if not report.passed:
-            _keep_aside(staging, export_dir, report.to_dict(), built.files[0])
+            keep_aside(staging, export_dir, report.to_dict(), built.files[0])
             report.raise_if_failed()
         interface = built.interface or _interface(job, reference, cases)
         record = ExportRecord(
@@ -205,9 +205,9 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
             batch_range={"min": job.config.batch_min, "opt": job.config.batch_opt,
                          "max": job.config.batch_max},
             check=report.to_dict(), inputs=interface["inputs"], outputs=interface["outputs"],
-            opset=interface.get("opset"), versions=installed_versions(_VERSIONED),
+            opset=interface.get("opset"), versions=installed_versions(VERSIONED),
             details=built.details)
-        _publish(staging, export_dir, record, built.files)
+        publish(staging, export_dir, record, built.files)
     manifest.exports[fmt] = record
     job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
 
@@ -239,10 +239,10 @@ def _existing_manifest(run_dir: RunDir) -> Manifest:
 
 
 @contextlib.contextmanager
-def _staging(export_dir: Path) -> Iterator[Path]:
-    """An empty `export/.staging/` for one export's files, removed afterwards whatever
-    happens: what passed its check has been moved into export/ by then."""
-    staging = export_dir / ".staging"
+def staging_dir(export_dir: Path, name: str = ".staging") -> Iterator[Path]:
+    """An empty `export/.staging/` (or `name`) for one export's files, removed afterwards
+    whatever happens: what passed its check has been moved into export/ by then."""
+    staging = export_dir / name
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -251,13 +251,13 @@ def _staging(export_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:
+def publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:
     for name in files:
         os.replace(staging / name, export_dir / name)
         record.add_file(export_dir, name)
 
 
-def _keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:
+def keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:
     for path in sorted(staging.iterdir()):
         os.replace(path, export_dir / f"{path.name}.failed")
     atomic_write_json(export_dir / f"{primary}.failed.json", report)

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from mmdeploy.artifacts import RunDir
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, BackendUnavailableError, ConfigError
+from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.aoti import PACKAGE_FILE, AotiPackage
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
@@ -30,7 +32,7 @@ from mmdeploy.runtime.tensorrt import Profile, load_engine, unavailable_reason
 from .aoti import compile_aoti, fp16_problem
 from .calibration import calibration_reader
 from .lint import check_for_target, lint_onnx
-from .onnx import export_onnx
+from .onnx import export_graph
 from .tensorrt import build_engine, build_int8_engine
 
 Outputs = dict[str, np.ndarray]
@@ -92,18 +94,27 @@ def _aoti_build_problem(device: str) -> str | None:
 
 def _build_onnx(job: ExportJob, staging: Path) -> Built:
     path = staging / ONNX_FILE
-    config = job.config
-    info = export_onnx(job.deploy, path, job.image_size, config.batch_min, config.batch_max,
-                       config.opset)
+    sample = torch.randn(max(2, job.config.batch_min), 3, *job.image_size)
+    interface, details = onnx_graph(job.deploy, path, sample, job.config, job.log)
+    files = sorted(p.name for p in staging.iterdir())  # model.onnx (+ model.onnx.data)
+    return Built("onnxruntime", files, OnnxSession(path), details, interface)
+
+
+def onnx_graph(model: nn.Module, path: Path, sample: torch.Tensor, config: ExportConfig,
+               log: Callable[[str], None], input_name: str = INPUT_NAME,
+               output_names: tuple[str, ...] = OUTPUT_NAMES) -> tuple[dict, dict]:
+    """Export `model` to ONNX at `path` (`onnx.export_graph`) and lint it for
+    `config.target` (an error for tensorrt, warnings logged otherwise): the graph's
+    interface (inputs, outputs, opset) and the facts its record keeps."""
+    info = export_graph(model, path, sample, input_name, output_names, config.batch_min,
+                        config.batch_max, config.opset)
     findings = check_for_target(lint_onnx(path), config.target)
     for finding in findings:
-        job.log(f"warning: {finding}")
-    files = sorted(p.name for p in staging.iterdir())  # model.onnx (+ model.onnx.data)
+        log(f"warning: {finding}")
     details = {"export_seconds": info["seconds"], "nodes": info["nodes"],
                "nodes_before_onnxslim": info["nodes_exported"],
                "lint": [str(f) for f in findings], "target": config.target}
-    return Built("onnxruntime", files, OnnxSession(path), details,
-                 {"inputs": info["inputs"], "outputs": info["outputs"], "opset": config.opset})
+    return {"inputs": info["inputs"], "outputs": info["outputs"], "opset": config.opset}, details
 
 
 def _build_aoti(job: ExportJob, staging: Path) -> Built:

@@ -1,4 +1,5 @@
-"""Deploy form -> ONNX with the dynamo exporter, opset 18, a named dynamic batch axis."""
+"""Deploy form (or any one-input module) -> ONNX with the dynamo exporter, opset 18, a named
+dynamic batch axis."""
 
 from __future__ import annotations
 
@@ -27,14 +28,24 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], batch
     The sample batch is 2 (not 1) because torch.export specialises a dimension of size 1.
     """
     sample = torch.randn(max(2, batch_min), 3, *image_size)
+    return export_graph(model, path, sample, INPUT_NAME, OUTPUT_NAMES, batch_min, batch_max,
+                        opset)
+
+
+def export_graph(model: nn.Module, path: Path, sample: torch.Tensor, input_name: str,
+                 output_names: tuple[str, ...], batch_min: int, batch_max: int,
+                 opset: int) -> dict:
+    """Export `model` (one input, batch first, as `sample`; a batch of at least 2) with a
+    dynamic batch axis named "batch", check the file and slim it: `export_onnx` for any
+    interface (a shared trunk's or branch's, `shared.py`)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     started = time.perf_counter()
     batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
     with quiet_exporter():
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={INPUT_NAME: {0: batch}},
+            input_names=[input_name], output_names=list(output_names),
+            dynamic_shapes=({0: batch},),  # by position: the forward names its argument
             external_data=weight_bytes > EXTERNAL_DATA_BYTES, verbose=False)
     seconds = time.perf_counter() - started
     onnx.checker.check_model(str(path), full_check=True)

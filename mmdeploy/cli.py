@@ -154,8 +154,13 @@ def options(adapter) -> None:
 
 
 @cli.command()
-@click.option("--run", "run_path", type=click.Path(path_type=Path), required=True,
+@click.option("--run", "run_path", type=click.Path(path_type=Path), default=None,
               help="Run directory made by `mmdeploy train`.")
+@click.option("--shared", is_flag=True,
+              help="Export the runs given as arguments (two or more, one backbone) as one "
+                   "frozen trunk and a branch per run, into --out; each run is verified "
+                   "through the trunk. ONNX FP32.")
+@click.argument("shared_runs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default=None,
               help="Expected adapter of the run (checked).")
 @click.option("--format", "formats", default="onnx", show_default=True,
@@ -173,7 +178,8 @@ def options(adapter) -> None:
               help="Build FP16 where the format has an FP16 path (tensorrt; aoti on CUDA); "
                    "the ONNX graph stays FP32. Parity: cosine >= 0.999, top-1 >= 99.5%.")
 @click.option("--out", "triton_out", type=click.Path(path_type=Path), default=None,
-              help="With --format triton: the model repository's folder (default RUN/triton).")
+              help="With --format triton: the model repository's folder (default "
+                   "RUN/triton). With --shared: the folder of the trunk and branches.")
 @click.option("--int8", type=click.Choice(["dynamic", "static"]), default=None, is_flag=False,
               flag_value="dynamic",
               help="Also quantize model.onnx to model.int8.onnx (ONNX Runtime), published only "
@@ -189,8 +195,9 @@ def options(adapter) -> None:
               help="INT8 gate: most validation accuracy lost, in points.")
 @click.option("--serve-int8", is_flag=True,
               help="With --int8: infer and serve use the INT8 graph unless --precision fp32.")
-def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, int8, calib,
-           calib_method, gate_agreement, gate_drop, serve_int8) -> None:
+def export(run_path, shared, shared_runs, adapter, formats, batch_range, target, fp16,
+           triton_out, int8, calib, calib_method, gate_agreement, gate_drop,
+           serve_int8) -> None:
     """Merge, freeze and compile a run; publish only what passes parity.
 
     \b
@@ -201,6 +208,7 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
       mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
       mmdeploy export --run runs/hmmoe-demo --format triton --out model_repository
       mmdeploy export --run runs/hmmoe-demo --int8 static --calib 64   # INT8, gated
+      mmdeploy export --shared runs/hmmoe-demo runs/ganet-demo --out shared/   # one trunk
     """
     from .artifacts import RunDir
     from .config import ExportConfig
@@ -209,6 +217,12 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     from .runs import load_run_config
     from .runtime import default_precision, pick_backend
 
+    if shared:
+        _export_shared(run_path, shared_runs, adapter, formats, batch_range, target,
+                       triton_out, fp16, int8)
+        return
+    if run_path is None or shared_runs:
+        raise ConfigError("export takes --run RUN, or --shared RUN1 RUN2 ... --out DIR")
     run = load_run_config(RunDir(run_path))
     if adapter is not None and adapter != run.adapter:
         raise ConfigError(f"{run_path} holds a {run.adapter!r} adapter, not {adapter!r}")
@@ -230,6 +244,24 @@ def export(run_path, adapter, formats, batch_range, target, fp16, triton_out, in
     if AUTO in requested:
         chosen, _ = pick_backend(run_path, precision=default_precision(run_path))
         click.echo(f"infer and serve will use {chosen} (`mmdeploy infer` says why)")
+
+
+def _export_shared(run_path, runs, adapter, formats, batch_range, target, out, fp16,
+                   int8) -> None:
+    """`export --shared`: the options that mean something for a trunk and its branches;
+    the others (--int8, --fp16, a format other than onnx) are refused by the exporter."""
+    from .config import ExportConfig
+    from .exporters.shared import export_shared
+
+    if run_path is not None or adapter is not None:
+        raise ConfigError("--shared takes its runs as arguments, not --run or --adapter")
+    if out is None:
+        raise ConfigError("--shared needs --out DIR, the folder of the trunk and branches")
+    low, opt, high = _batch_range(batch_range)
+    config = ExportConfig(formats=tuple(f.strip() for f in formats.split(",")), batch_min=low,
+                          batch_opt=opt, batch_max=high, target=target, fp16=fp16, int8=int8)
+    manifest = export_shared(list(runs), out, config, log=click.echo)
+    click.echo(f"exported {', '.join(sorted(manifest.files))} -> {out}")
 
 
 @cli.command()

@@ -117,7 +117,8 @@ def create_session(path: Path, threads: int | None = None,
 
 
 class OnnxSession:
-    """An exported graph in ONNX Runtime: pixel_values in, outputs by name.
+    """An exported graph in ONNX Runtime: its one input in (pixel_values; a shared trunk's
+    features for a branch), outputs by name.
 
     On a GPU provider the input is copied to the device once and the outputs are bound on
     the device (IO binding), so onnxruntime does not stage them through host buffers of
@@ -127,6 +128,7 @@ class OnnxSession:
     def __init__(self, path: Path, threads: int | None = None,
                  profile: tuple[tuple[int, ...], ...] | None = None):
         self.session = create_session(path, threads, profile)
+        self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]
 
@@ -136,10 +138,10 @@ class OnnxSession:
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         if not self.on_gpu:
-            outputs = self.session.run(self.output_names, {INPUT_NAME: pixel_values})
+            outputs = self.session.run(self.output_names, {self.input_name: pixel_values})
         else:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, pixel_values)
+            binding.bind_cpu_input(self.input_name, pixel_values)
             for name in self.output_names:
                 binding.bind_output(name, "cuda")
             self.session.run_with_iobinding(binding)

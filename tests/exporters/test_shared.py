@@ -1,0 +1,106 @@
+"""`mmdeploy export --shared`: one trunk, a branch per run, each verified through the trunk
+(`exporters.shared`), on tiny runs of four adapters sharing the tiny backbone."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdeploy.artifacts import Manifest
+from mmdeploy.exporters import shared
+
+STEPS = 5
+
+
+def _train(cli, out: Path, adapter: str, *options: str) -> Path:
+    result = cli(["train", "--adapter", adapter, "--out", out, "--max-steps", STEPS,
+                  "--shots", 4, *options])
+    assert result.code == 0, str(result)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(cli, ganet_run, tmp_path_factory) -> dict[str, Path]:
+    """HMMoE on the last 2 of the 4 blocks, GA-Net, linear probe and zero-shot. Read-only."""
+    folder = tmp_path_factory.mktemp("shared-runs")
+    return {"hmmoe": _train(cli, folder / "hmmoe", "hmmoe", "--option", "num_layers=2"),
+            "ganet": ganet_run,
+            "probe": _train(cli, folder / "probe", "linear-probe"),
+            "zero-shot": _train(cli, folder / "zero-shot", "zero-shot")}
+
+
+def test_each_run_passes_parity_through_one_trunk(cli, runs, tmp_path):
+    out = tmp_path / "shared"
+    result = cli(["export", "--shared", *runs.values(), "--out", out, "--batch-range", "1,4,8"])
+    assert result.code == 0, str(result)
+    assert "trunk: tokens entering block 2" in result.stdout
+    manifest = Manifest.load(out / "manifest.json")
+    manifest.verify_files(out)  # every file with its sha256 and size
+    trunk = manifest.exports["trunk"]
+    assert trunk.details["block"] == 2 and trunk.passed
+    assert sorted(trunk.check["verified_through"]) == sorted(p.name for p in runs.values())
+    assert trunk.outputs == [{"name": "trunk_features", "dtype": "float32",
+                              "shape": ["batch", 17, 64]}]
+    for path in runs.values():
+        record = manifest.exports[f"branch:{path.name}"]
+        assert record.passed and record.backend == "onnxruntime"
+        assert [o["name"] for o in record.outputs] == ["logits", "embeddings"]
+        assert record.inputs[0]["name"] == "trunk_features"
+        checks = {(c["inputs"], c["batch"]) for c in record.check["checks"]}
+        assert checks == {(kind, batch) for kind in ("random", "real") for batch in (1, 7, 8)}
+        assert record.check["worst"]["max_abs"] <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "trunk.onnx", *(f"branch-{p.name}.onnx" for p in runs.values())])
+
+
+def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
+    real_branch = shared.as_branch
+
+    def broken_probe(model, block):  # the probe's exported head no longer is its model's
+        branch = real_branch(model, block)
+        if type(model).__name__ == "LinearProbeModel":
+            with torch.no_grad():
+                branch.classifier.bias.add_(1.0)
+        return branch
+
+    monkeypatch.setattr(shared, "as_branch", broken_probe)
+    out = tmp_path / "shared"
+    result = cli(["export", "--shared", runs["probe"], runs["zero-shot"], "--out", out,
+                  "--batch-range", "1,2,2"])
+    assert result.code == 1 and "onnxruntime failed parity" in result.error_lines()[0]
+    assert "trunk: pooled features" in result.stdout  # neither adapts inside the tower
+    manifest = Manifest.load(out / "manifest.json")
+    assert sorted(manifest.exports) == ["branch:zero-shot", "trunk"]
+    assert (out / "branch-probe.onnx.failed").is_file()
+    assert not json.loads((out / "branch-probe.onnx.failed.json").read_text())["passed"]
+    assert not (out / "branch-probe.onnx").exists()
+
+
+def test_another_backbone_is_refused_before_loading(cli, runs, tmp_path, expect_error):
+    other = Path(shutil.copytree(runs["probe"], tmp_path / "other"))
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["backbone_identity"] = {"config_sha256": "0" * 64, "weights_sha256": "1" * 64}
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    result = cli(["export", "--shared", runs["zero-shot"], other, "--out", tmp_path / "out"])
+    expect_error(result, str(other), str(runs["zero-shot"]), "different backbones")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--shared", "RUN1", "--out", "DIR"], "two or more runs"),
+    (["--shared", "RUN1", "RUN2"], "--out DIR"),
+    (["--shared", "RUN1", "RUN2", "--run", "RUN3", "--out", "DIR"], "not --run"),
+    (["RUN1", "RUN2"], "--shared RUN1 RUN2"),
+])
+def test_bad_shared_invocations_are_one_line(cli, expect_error, runs, args, fragment):
+    names = {"RUN1": runs["probe"], "RUN2": runs["zero-shot"], "RUN3": runs["probe"]}
+    result = cli(["export", *(names.get(a, a) for a in args)])
+    expect_error(result, fragment)
+
+
+def test_fp16_is_refused(cli, expect_error, runs, tmp_path):
+    result = cli(["export", "--shared", runs["probe"], runs["zero-shot"], "--out", tmp_path,
+                  "--fp16"])
+    expect_error(result, "ONNX FP32")
