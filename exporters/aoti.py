@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from mmdeploy.errors import ConfigError
-from mmdeploy.interface import INPUT_NAME
 from mmdeploy.runtime.aoti import DTYPES
 
 from .onnx import quiet_exporter
@@ -38,9 +37,19 @@ def compile_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], batc
                  batch_max: int, device: str, precision: str = "fp32") -> dict:
     """Export and compile `model` (pixel_values -> logits, embeddings) into a `.pt2` package.
 
+    The sample batch is 2 because torch.export specialises a dimension of size 1.
+    """
+    sample = torch.randn(max(2, batch_min), 3, *image_size)
+    return compile_program(model, path, sample, batch_min, batch_max, device, precision)
+
+
+def compile_program(model: nn.Module, path: Path, sample: torch.Tensor, batch_min: int,
+                    batch_max: int, device: str, precision: str = "fp32") -> dict:
+    """`compile_aoti` for any one-input interface (`sample`: batch first, at least 2): a
+    shared trunk's or branch's (`shared.py`).
+
     The model is copied first: moving it to the device or to FP16 must not touch the
     caller's (the same deploy form is exported to other formats and checked against).
-    The sample batch is 2 because torch.export specialises a dimension of size 1.
     """
     if precision not in DTYPES:
         raise ConfigError(f"unknown precision {precision!r} (known: {', '.join(DTYPES)})")
@@ -48,12 +57,12 @@ def compile_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], batc
         raise ConfigError(problem)
     dtype = DTYPES[precision]
     module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    sample = torch.randn(max(2, batch_min), 3, *image_size, device=device, dtype=dtype)
+    sample = sample.to(device=device, dtype=dtype)
     batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
     started = time.perf_counter()
     with torch.no_grad(), quiet_exporter():
-        program = torch.export.export(module, (sample,),
-                                      dynamic_shapes={INPUT_NAME: {0: batch}})
+        # By position: the forward's argument is pixel_values, or a branch's trunk features.
+        program = torch.export.export(module, (sample,), dynamic_shapes=({0: batch},))
     exported = time.perf_counter()
     # Written straight to `path`: the caller compiles into export/.staging/, which is what
     # makes publishing atomic (the packager insists on a name ending in .pt2).

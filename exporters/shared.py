@@ -1,19 +1,21 @@
 """Export runs that share a backbone as one trunk and a branch per run (DESIGN section 11).
 
-`export_shared` writes DIR:
+`export_shared` writes DIR, for each format asked (onnx: ONNX Runtime, `.onnx`; aoti:
+AOTInductor compiled for this machine's device, `.pt2`):
 
     trunk.onnx               pixel_values -> trunk_features (`models.shared.Trunk`)
     branch-<run>.onnx        trunk_features -> logits, embeddings (one per run)
-    manifest.json            a `Manifest`: "trunk" and "branch:<run>" records
+    manifest.json            a `Manifest`: "<format>:trunk" and "<format>:branch:<run>"
 
-Each branch is verified through the trunk as it will be served: the trunk graph's output
-fed to the branch graph, against the run's own PyTorch model, on fresh random pixels and
+Each branch is verified through the trunk as it will be served: the trunk engine's output
+fed to the branch engine, against the run's own PyTorch model, on fresh random pixels and
 the run's held-out images at batch MIN, an odd batch and MAX, at DESIGN's FP32 bounds
-(`parity.run_parity`). Each graph is built in a staging folder and linted like any export
-(`formats.onnx_graph`); a branch that fails parity is kept aside as `*.failed` with its
-report and left out of the manifest, the others are published; the trunk is published
-when at least one branch passed through it. The manifest names only this export's files:
-files an earlier manifest in DIR named and this one does not are removed after it is saved.
+(`parity.run_parity`). Each engine is built in a staging folder (ONNX graphs linted like
+any export: `formats.onnx_graph`); a branch that fails parity is kept aside as `*.failed`
+with its report and left out of the manifest, the others are published; the trunk is
+published when at least one branch passed through it. The manifest names only this
+export's files: files an earlier manifest in DIR named and this one does not are removed
+after it is saved.
 """
 
 from __future__ import annotations
@@ -23,24 +25,70 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from mmdeploy.artifacts import ExportRecord, Manifest, RunDir, installed_versions
-from mmdeploy.backbone import load_backbone
+from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, ConfigError
 from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.models.shared import Trunk, as_branch, refuse_other_backbones, trunk_block
 from mmdeploy.runs import RunConfig, load_model, load_run_config
+from mmdeploy.runtime.aoti import AotiPackage
 from mmdeploy.runtime.onnxruntime import OnnxSession
 
+from .aoti import compile_program
 from .export import VERSIONED, keep_aside, publish, staging_dir
 from .formats import onnx_graph
 from .parity import ParityReport, parity_batches, parity_inputs, run_parity
 
-TRUNK_FILE = "trunk.onnx"
+TRUNK = "trunk"
 TRUNK_OUTPUT = "trunk_features"
 MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """One format of the trunk and branches: the files' suffix, the backend that serves
+    them (its parity bounds), how to build one graph (-> interface, record details) and how
+    to load one to run it (numpy in, outputs by name)."""
+
+    suffix: str
+    backend: str
+    build: Callable[[nn.Module, Path, torch.Tensor, tuple[str, tuple[str, ...]],
+                     ExportConfig, Callable[[str], None]], tuple[dict, dict]]
+    load: Callable[[Path, tuple[str, ...]], Callable[[np.ndarray], dict]]
+
+
+def _build_onnx(model, path, sample, names, config, log) -> tuple[dict, dict]:
+    return onnx_graph(model, path, sample, config, log, *names)
+
+
+def _build_aoti(model, path, sample, names, config, log) -> tuple[dict, dict]:
+    """Compiled for this machine's device; the interface read from the module itself."""
+    details = compile_program(model, path, sample, config.batch_min, config.batch_max,
+                              torch_device())
+    log(f"compiled {path.name} in {details['compile_seconds']:.1f} s")
+    with torch.no_grad():
+        outputs = model(sample)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    input_name, output_names = names
+    interface = {"inputs": [_describe(input_name, sample)], "opset": None,
+                 "outputs": [_describe(n, t) for n, t in zip(output_names, outputs, strict=True)]}
+    return interface, details
+
+
+def _describe(name: str, tensor: torch.Tensor) -> dict:
+    return {"name": name, "dtype": "float32", "shape": ["batch", *tensor.shape[1:]]}
+
+
+ENGINES = {
+    "onnx": _Engine(".onnx", "onnxruntime", _build_onnx, lambda path, names: OnnxSession(path)),
+    "aoti": _Engine(".pt2", "aoti", _build_aoti,
+                    lambda path, names: AotiPackage(path, torch_device(), "fp32", names)),
+}
 
 
 @dataclass
@@ -51,13 +99,8 @@ class SharedRun:
     path: Path
     config: RunConfig
 
-    @property
-    def branch_file(self) -> str:
-        return f"branch-{self.name}.onnx"
-
-    @property
-    def record_name(self) -> str:
-        return f"branch:{self.name}"
+    def record_name(self, fmt: str) -> str:
+        return f"{fmt}:branch:{self.name}"
 
 
 def shared_runs(run_paths: list[Path]) -> list[SharedRun]:
@@ -75,12 +118,34 @@ def shared_runs(run_paths: list[Path]) -> list[SharedRun]:
     return runs
 
 
+@dataclass
+class _SharedExport:
+    """What every format's export of one set shares: the runs, their reference models,
+    the trunk, the samples the graphs are traced with, the parity seed."""
+
+    runs: list[SharedRun]
+    references: dict[str, nn.Module]
+    trunk: Trunk
+    config: ExportConfig
+    out: Path
+    seed: int
+    log: Callable[[str], None]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        size = self.trunk.backbone.preprocessor.image_size
+        return torch.randn(max(2, self.config.batch_min), 3, *size)
+
+
 def export_shared(run_paths: list[Path], out: Path, config: ExportConfig,
                   log: Callable[[str], None] = print) -> Manifest:
-    """Write `out` (see the module docstring) and return its manifest; raises the first
-    failed branch's `ParityError` after publishing the branches that passed."""
-    if tuple(config.formats) != ("onnx",) or config.fp16 or config.int8:
-        raise ConfigError("--shared exports ONNX FP32 (trunk and branches) only for now")
+    """Write `out` (see the module docstring) for each of `config.formats` (onnx, aoti)
+    and return its manifest; raises the first failed branch's `ParityError` after
+    publishing what passed."""
+    unknown = sorted(set(config.formats) - set(ENGINES))
+    if unknown or config.fp16 or config.int8:
+        raise ConfigError("--shared exports FP32 trunk and branches to onnx and aoti only "
+                          f"(not {', '.join(unknown) or '--fp16/--int8'})")
     runs = shared_runs(run_paths)
     references = {run.name: load_model(run.path)[0] for run in runs}  # each run's own model
     block = trunk_block(references)
@@ -90,65 +155,82 @@ def export_shared(run_paths: list[Path], out: Path, config: ExportConfig,
     log(f"trunk: {'pooled features' if trunk.pooled else f'tokens entering block {block}'} "
         f"(for {', '.join(run.name for run in runs)})")
     out.mkdir(parents=True, exist_ok=True)
-    seed = int.from_bytes(os.urandom(4), "little")
-    sample = torch.randn(max(2, config.batch_min), 3, *trunk.backbone.preprocessor.image_size)
-    with torch.no_grad():
-        sample_features = trunk(sample)
-    manifest, failures = Manifest(parity_seed=seed), []
-    with staging_dir(out, ".staging-trunk") as trunk_staging:
-        interface, details = onnx_graph(trunk, trunk_staging / TRUNK_FILE, sample, config, log,
-                                        INPUT_NAME, (TRUNK_OUTPUT,))
-        trunk_session = OnnxSession(trunk_staging / TRUNK_FILE)
-        for run in runs:
-            branch = as_branch(load_model(run.path)[0], block)
-            with staging_dir(out) as staging:
-                branch_interface, branch_details = onnx_graph(
-                    branch, staging / run.branch_file, sample_features, config, log,
-                    TRUNK_OUTPUT, OUTPUT_NAMES)
-                session = OnnxSession(staging / run.branch_file)
-                report = _branch_parity(run, references[run.name], trunk_session, session,
-                                        config, seed)
-                if not report.passed:
-                    log(f"{run.name}: failed parity through the trunk ({report.summary()}); "
-                        f"kept aside as {run.branch_file}.failed")
-                    keep_aside(staging, out, report.to_dict(), run.branch_file)
-                    failures.append(report)
-                    continue
-                record = _record(config, report.to_dict(), branch_interface, {
-                    **branch_details, "run": str(run.path.resolve()), "adapter": run.config.adapter,
-                    "weights_sha256": run.config.weights_sha256, "trunk": TRUNK_FILE,
-                    "first_adapted_block": references[run.name].first_adapted_block()})
-                publish(staging, out, record, [run.branch_file])
-            manifest.exports[run.record_name] = record
-            log(f"{run.name}: passed parity through the trunk ({report.summary()})")
-        passed = [run.name for run in runs if run.record_name in manifest.exports]
-        check = {"kind": "shared-trunk", "passed": bool(passed), "verified_through": passed}
-        if not passed:
-            keep_aside(trunk_staging, out, check, TRUNK_FILE)
-            failures[0].raise_if_failed()
-        trunk_record = _record(config, check, interface, {
-            **details, "block": block, "pooled": trunk.pooled,
-            "backbone_identity": first.backbone_identity})
-        publish(trunk_staging, out, trunk_record, [TRUNK_FILE])
-    manifest.exports = {"trunk": trunk_record, **manifest.exports}
+    job = _SharedExport(runs, references, trunk, config, out,
+                        int.from_bytes(os.urandom(4), "little"), log)
+    manifest, failures = Manifest(parity_seed=job.seed), []
+    for fmt in config.formats:
+        failures += _export_engine(job, fmt, manifest)
     _save_replacing(manifest, out)
     if failures:
         failures[0].raise_if_failed()
     return manifest
 
 
-def _branch_parity(run: SharedRun, reference, trunk: OnnxSession, branch: OnnxSession,
-                   config: ExportConfig, seed: int) -> ParityReport:
+def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[ParityReport]:
+    """The trunk and every branch in format `fmt`: each branch published once it passed
+    parity through the staged trunk, the trunk once a branch passed. Returns the failed
+    branches' reports (raises when none passed)."""
+    engine, out, config = ENGINES[fmt], job.out, job.config
+    trunk_file = TRUNK + engine.suffix
+    sample = job.sample
+    with torch.no_grad():
+        sample_features = job.trunk(sample)
+    failures, passed = [], []
+    with staging_dir(out, ".staging-trunk") as trunk_staging:
+        interface, details = engine.build(job.trunk, trunk_staging / trunk_file, sample,
+                                          (INPUT_NAME, (TRUNK_OUTPUT,)), config, job.log)
+        trunk_graph = engine.load(trunk_staging / trunk_file, (TRUNK_OUTPUT,))
+        for run in job.runs:
+            branch_file = f"branch-{run.name}{engine.suffix}"
+            branch = as_branch(load_model(run.path)[0], job.trunk.block)
+            with staging_dir(out) as staging:
+                branch_interface, branch_details = engine.build(
+                    branch, staging / branch_file, sample_features,
+                    (TRUNK_OUTPUT, OUTPUT_NAMES), config, job.log)
+                report = _branch_parity(job, run, engine, trunk_graph,
+                                        engine.load(staging / branch_file, OUTPUT_NAMES))
+                if not report.passed:
+                    job.log(f"{run.name}: {fmt} failed parity through the trunk "
+                            f"({report.summary()}); kept aside as {branch_file}.failed")
+                    keep_aside(staging, out, report.to_dict(), branch_file)
+                    failures.append(report)
+                    continue
+                record = _record(engine, config, report.to_dict(), branch_interface, {
+                    **branch_details, "run": str(run.path.resolve()),
+                    "adapter": run.config.adapter, "weights_sha256": run.config.weights_sha256,
+                    "trunk": trunk_file,
+                    "first_adapted_block": job.references[run.name].first_adapted_block()})
+                publish(staging, out, record, [branch_file])
+            manifest.exports[run.record_name(fmt)] = record
+            passed.append(run.name)
+            job.log(f"{run.name}: {fmt} passed parity through the trunk ({report.summary()})")
+        check = {"kind": "shared-trunk", "passed": bool(passed), "verified_through": passed}
+        if not passed:
+            keep_aside(trunk_staging, out, check, trunk_file)
+            failures[0].raise_if_failed()
+        trunk_record = _record(engine, config, check, interface, {
+            **details, "block": job.trunk.block, "pooled": job.trunk.pooled,
+            "backbone_identity": job.runs[0].config.backbone_identity})
+        publish(trunk_staging, out, trunk_record, [trunk_file])
+    manifest.exports[f"{fmt}:{TRUNK}"] = trunk_record
+    return failures
+
+
+def _branch_parity(job: _SharedExport, run: SharedRun, engine: _Engine, trunk: Callable,
+                   branch: Callable) -> ParityReport:
     """The branch fed the trunk graph's output, against the run's own PyTorch model."""
-    cases = parity_inputs(run.config, reference.backbone.preprocessor, parity_batches(config),
-                          seed)
-    return run_parity("onnxruntime", "fp32", reference,
+    reference = job.references[run.name]
+    cases = parity_inputs(run.config, reference.backbone.preprocessor,
+                          parity_batches(job.config), job.seed)
+    return run_parity(engine.backend, "fp32", reference,
                       lambda pixels: branch(trunk(pixels)[TRUNK_OUTPUT]), cases)
 
 
-def _record(config: ExportConfig, check: dict, interface: dict, details: dict) -> ExportRecord:
+def _record(engine: _Engine, config: ExportConfig, check: dict, interface: dict,
+            details: dict) -> ExportRecord:
     return ExportRecord(
-        backend="onnxruntime", precision="fp32", check=check,
+        backend=engine.backend, precision="fp32", check=check,
+        device=torch_device() if engine.backend == "aoti" else None,
         batch_range={"min": config.batch_min, "opt": config.batch_opt, "max": config.batch_max},
         inputs=interface["inputs"], outputs=interface["outputs"], opset=interface["opset"],
         versions=installed_versions(VERSIONED), details=details)

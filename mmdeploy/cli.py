@@ -159,7 +159,7 @@ def options(adapter) -> None:
 @click.option("--shared", is_flag=True,
               help="Export the runs given as arguments (two or more, one backbone) as one "
                    "frozen trunk and a branch per run, into --out; each run is verified "
-                   "through the trunk. ONNX FP32.")
+                   "through the trunk. FP32, --format onnx and/or aoti.")
 @click.argument("shared_runs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default=None,
               help="Expected adapter of the run (checked).")
@@ -249,7 +249,8 @@ def export(run_path, shared, shared_runs, adapter, formats, batch_range, target,
 def _export_shared(run_path, runs, adapter, formats, batch_range, target, out, fp16,
                    int8) -> None:
     """`export --shared`: the options that mean something for a trunk and its branches;
-    the others (--int8, --fp16, a format other than onnx) are refused by the exporter."""
+    the others (--int8, --fp16, a format other than onnx and aoti) are refused by the
+    exporter."""
     from .config import ExportConfig
     from .exporters.shared import export_shared
 

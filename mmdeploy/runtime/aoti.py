@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, BackendUnavailableError
+from ..interface import OUTPUT_NAMES
 from .base import Predictor
 
 PACKAGE_FILE = "model.pt2"
@@ -22,12 +23,15 @@ def device_problem(device: str) -> str | None:
 
 
 class AotiPackage:
-    """A loaded `.pt2` package: pixel_values (numpy, FP32) in, outputs by name."""
+    """A loaded `.pt2` package: its one input (numpy, FP32: pixel_values, or a shared trunk's
+    features) in, outputs by name (`output_names`, in the package's order)."""
 
-    def __init__(self, path: Path, device: str, precision: str):
+    def __init__(self, path: Path, device: str, precision: str,
+                 output_names: tuple[str, ...] = OUTPUT_NAMES):
         if problem := device_problem(device):
             raise BackendUnavailableError("aoti", problem)
         self.device, self.precision, self.dtype = device, precision, DTYPES[precision]
+        self.output_names = output_names
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as exc:  # the loader raises untyped errors for a bad package
@@ -36,10 +40,12 @@ class AotiPackage:
 
     @torch.inference_mode()
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(pixel_values).to(device=self.device, dtype=self.dtype)
-        logits, embeddings = self.runner(pixels)
-        return {"logits": logits.float().cpu().numpy(),
-                "embeddings": embeddings.float().cpu().numpy()}
+        inputs = torch.from_numpy(pixel_values).to(device=self.device, dtype=self.dtype)
+        outputs = self.runner(inputs)
+        if isinstance(outputs, torch.Tensor):  # a one-output graph (a shared trunk)
+            outputs = (outputs,)
+        return {name: tensor.float().cpu().numpy()
+                for name, tensor in zip(self.output_names, outputs, strict=True)}
 
 
 class AotiPredictor(Predictor):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmdeploy.artifacts import Manifest
+from mmdeploy.backbone import torch_device
 from mmdeploy.exporters import shared
 
 STEPS = 5
@@ -38,13 +39,13 @@ def test_each_run_passes_parity_through_one_trunk(cli, runs, tmp_path):
     assert "trunk: tokens entering block 2" in result.stdout
     manifest = Manifest.load(out / "manifest.json")
     manifest.verify_files(out)  # every file with its sha256 and size
-    trunk = manifest.exports["trunk"]
+    trunk = manifest.exports["onnx:trunk"]
     assert trunk.details["block"] == 2 and trunk.passed
     assert sorted(trunk.check["verified_through"]) == sorted(p.name for p in runs.values())
     assert trunk.outputs == [{"name": "trunk_features", "dtype": "float32",
                               "shape": ["batch", 17, 64]}]
     for path in runs.values():
-        record = manifest.exports[f"branch:{path.name}"]
+        record = manifest.exports[f"onnx:branch:{path.name}"]
         assert record.passed and record.backend == "onnxruntime"
         assert [o["name"] for o in record.outputs] == ["logits", "embeddings"]
         assert record.inputs[0]["name"] == "trunk_features"
@@ -72,7 +73,7 @@ def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
     assert result.code == 1 and "onnxruntime failed parity" in result.error_lines()[0]
     assert "trunk: pooled features" in result.stdout  # neither adapts inside the tower
     manifest = Manifest.load(out / "manifest.json")
-    assert sorted(manifest.exports) == ["branch:zero-shot", "trunk"]
+    assert sorted(manifest.exports) == ["onnx:branch:zero-shot", "onnx:trunk"]
     assert (out / "branch-probe.onnx.failed").is_file()
     assert not json.loads((out / "branch-probe.onnx.failed.json").read_text())["passed"]
     assert not (out / "branch-probe.onnx").exists()
@@ -103,4 +104,23 @@ def test_bad_shared_invocations_are_one_line(cli, expect_error, runs, args, frag
 def test_fp16_is_refused(cli, expect_error, runs, tmp_path):
     result = cli(["export", "--shared", runs["probe"], runs["zero-shot"], "--out", tmp_path,
                   "--fp16"])
-    expect_error(result, "ONNX FP32")
+    expect_error(result, "FP32 trunk and branches", "--fp16")
+
+
+def test_aoti_trunk_and_branches_pass_parity(cli, runs, tmp_path):
+    """Kept to a pooled trunk and two branches: AOTInductor compiles C++ for each (slow on
+    2 CPU cores)."""
+    pytest.importorskip("torch._inductor")
+    out = tmp_path / "shared"
+    result = cli(["export", "--shared", runs["probe"], runs["zero-shot"], "--out", out,
+                  "--format", "aoti", "--batch-range", "1,2,3"])
+    assert result.code == 0, str(result)
+    manifest = Manifest.load(out / "manifest.json")
+    manifest.verify_files(out)
+    assert sorted(manifest.exports) == ["aoti:branch:probe", "aoti:branch:zero-shot",
+                                        "aoti:trunk"]
+    for record in manifest.exports.values():
+        assert record.passed and record.backend == "aoti" and record.device == torch_device()
+    assert manifest.exports["aoti:trunk"].outputs == [
+        {"name": "trunk_features", "dtype": "float32", "shape": ["batch", 64]}]
+    assert manifest.exports["aoti:branch:probe"].check["worst"]["max_abs"] <= 1e-4
