@@ -160,7 +160,7 @@ def options(adapter) -> None:
               help="Export the runs given as arguments (two or more, one backbone) as one "
                    "frozen trunk and a branch per run, into --out; each run is verified "
                    "through the trunk. FP32, --format onnx and/or aoti.")
-@click.argument("shared_runs", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("shared_runs", nargs=-1, type=click.Path(path_type=Path), metavar="[RUNS]...")
 @click.option("--adapter", type=click.Choice(sorted(ADAPTERS)), default=None,
               help="Expected adapter of the run (checked).")
 @click.option("--format", "formats", default="onnx", show_default=True,
