@@ -160,7 +160,8 @@ def export_shared(run_paths: list[Path], out: Path, config: ExportConfig,
     manifest, failures = Manifest(parity_seed=job.seed), []
     for fmt in config.formats:
         failures += _export_engine(job, fmt, manifest)
-    _save_replacing(manifest, out)
+    if manifest.exports:  # else nothing was published: an earlier export stays as it was
+        _save_replacing(manifest, out)
     if failures:
         failures[0].raise_if_failed()
     return manifest
@@ -168,8 +169,8 @@ def export_shared(run_paths: list[Path], out: Path, config: ExportConfig,
 
 def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[ParityReport]:
     """The trunk and every branch in format `fmt`: each branch published once it passed
-    parity through the staged trunk, the trunk once a branch passed. Returns the failed
-    branches' reports (raises when none passed)."""
+    parity through the staged trunk, the trunk once a branch passed (kept aside with the
+    branches when none did). Returns the failed branches' reports."""
     engine, out, config = ENGINES[fmt], job.out, job.config
     trunk_file = TRUNK + engine.suffix
     sample = job.sample
@@ -207,7 +208,7 @@ def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[Par
         check = {"kind": "shared-trunk", "passed": bool(passed), "verified_through": passed}
         if not passed:
             keep_aside(trunk_staging, out, check, trunk_file)
-            failures[0].raise_if_failed()
+            return failures
         trunk_record = _record(engine, config, check, interface, {
             **details, "block": job.trunk.block, "pooled": job.trunk.pooled,
             "backbone_identity": job.runs[0].config.backbone_identity})

@@ -56,17 +56,25 @@ def test_each_run_passes_parity_through_one_trunk(cli, runs, tmp_path):
         ["manifest.json", "trunk.onnx", *(f"branch-{p.name}.onnx" for p in runs.values())])
 
 
-def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
+def _break_branches(monkeypatch, adapters: tuple[str, ...]) -> None:
+    """Branches of these adapter classes export something their model does not compute."""
     real_branch = shared.as_branch
 
-    def broken_probe(model, block):  # the probe's exported head no longer is its model's
+    def broken(model, block):
         branch = real_branch(model, block)
-        if type(model).__name__ == "LinearProbeModel":
+        if type(model).__name__ in adapters:
             with torch.no_grad():
-                branch.classifier.bias.add_(1.0)
+                if hasattr(branch, "classifier"):
+                    branch.classifier.bias.add_(1.0)
+                else:
+                    branch.logit_scale.add_(1.0)
         return branch
 
-    monkeypatch.setattr(shared, "as_branch", broken_probe)
+    monkeypatch.setattr(shared, "as_branch", broken)
+
+
+def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
+    _break_branches(monkeypatch, ("LinearProbeModel",))
     out = tmp_path / "shared"
     result = cli(["export", "--shared", runs["probe"], runs["zero-shot"], "--out", out,
                   "--batch-range", "1,2,2"])
@@ -77,6 +85,22 @@ def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
     assert (out / "branch-probe.onnx.failed").is_file()
     assert not json.loads((out / "branch-probe.onnx.failed.json").read_text())["passed"]
     assert not (out / "branch-probe.onnx").exists()
+
+
+def test_an_earlier_export_stays_when_no_branch_passes(cli, runs, tmp_path, monkeypatch,
+                                                       digest):
+    args = ["export", "--shared", runs["probe"], runs["zero-shot"], "--out", tmp_path / "out",
+            "--batch-range", "1,2,2"]
+    assert cli(args).code == 0
+    before = digest(tmp_path / "out")
+    _break_branches(monkeypatch, ("LinearProbeModel", "ZeroShotModel"))
+    assert cli(args).code == 1
+    after = digest(tmp_path / "out")
+    assert {name: after[name] for name in before} == before
+    assert sorted(set(after) - set(before)) == [
+        "branch-probe.onnx.failed", "branch-probe.onnx.failed.json",
+        "branch-zero-shot.onnx.failed", "branch-zero-shot.onnx.failed.json",
+        "trunk.onnx.failed", "trunk.onnx.failed.json"]
 
 
 def test_another_backbone_is_refused_before_loading(cli, runs, tmp_path, expect_error):
