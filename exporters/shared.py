@@ -38,6 +38,7 @@ from mmdeploy.models.shared import Trunk, as_branch, refuse_other_backbones, tru
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime.aoti import AotiPackage
 from mmdeploy.runtime.onnxruntime import OnnxSession
+from mmdeploy.runtime.shared import MANIFEST_FILE, branch_name, trunk_name
 
 from .aoti import compile_program
 from .export import VERSIONED, keep_aside, publish, staging_dir
@@ -46,7 +47,6 @@ from .parity import ParityReport, parity_batches, parity_inputs, run_parity
 
 TRUNK = "trunk"
 TRUNK_OUTPUT = "trunk_features"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class SharedRun:
     config: RunConfig
 
     def record_name(self, fmt: str) -> str:
-        return f"{fmt}:branch:{self.name}"
+        return branch_name(fmt, self.name)
 
 
 def shared_runs(run_paths: list[Path]) -> list[SharedRun]:
@@ -213,7 +213,7 @@ def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[Par
             **details, "block": job.trunk.block, "pooled": job.trunk.pooled,
             "backbone_identity": job.runs[0].config.backbone_identity})
         publish(trunk_staging, out, trunk_record, [trunk_file])
-    manifest.exports[f"{fmt}:{TRUNK}"] = trunk_record
+    manifest.exports[trunk_name(fmt)] = trunk_record
     return failures
 
 

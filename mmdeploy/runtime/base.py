@@ -4,6 +4,7 @@ export record they serve, check its files' hashes, and keep to its batch range."
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,12 @@ class Predictor(ABC):
         """Refuse a tensor this predictor cannot take, naming what it expected: a wrong
         shape, or fewer images than the export's smallest batch (a larger batch is cut into
         chunks by `predict_pixels`)."""
-        height, width = self.preprocessor.image_size
-        expected = (3, height, width)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
-                             f"[batch, {', '.join(map(str, expected))}]")
+        pixel_values = check_shape(pixel_values, self.preprocessor.image_size)
         low, high = self.batch_range
         if pixel_values.shape[0] < low:
             raise InputError(f"batch {pixel_values.shape[0]} is outside the export's range "
                              f"{low}..{high}")
-        return np.ascontiguousarray(pixel_values, dtype=np.float32)
+        return pixel_values
 
     def predict(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities [B, C] and top-1 label indices [B] for decoded RGB images."""
@@ -71,24 +68,41 @@ class Predictor(ABC):
         """`predict` on pixels already preprocessed (batch inference does that in threads),
         in chunks of at most the export's largest batch."""
         pixel_values = self.check_pixels(pixel_values)
-        chunk = self.batch_range[1] or len(pixel_values)
-        logits = np.concatenate([self._logits(pixel_values[start:start + chunk])
-                                 for start in range(0, len(pixel_values), chunk)])
-        probs = _softmax(logits)
+        logits = in_chunks(lambda chunk: self.run_pixels(chunk)["logits"], pixel_values,
+                           self.batch_range)
+        probs = softmax(logits)
         return probs, probs.argmax(-1)
 
-    def _logits(self, chunk: np.ndarray) -> np.ndarray:
-        """Logits for one chunk; a last chunk smaller than the export's smallest batch is
-        padded with copies of its last image, whose rows are dropped (rows are independent
-        of each other: parity holds at every batch size)."""
-        missing = self.batch_range[0] - len(chunk)
-        if missing > 0:
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
-            return self.run_pixels(padded)["logits"][:len(chunk)]
-        return self.run_pixels(chunk)["logits"]
+
+def check_shape(pixel_values: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """`pixel_values` as contiguous float32 [B, 3, H, W]; `InputError` naming the shape
+    expected otherwise."""
+    expected = (3, *image_size)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                         f"[batch, {', '.join(map(str, expected))}]")
+    return np.ascontiguousarray(pixel_values, dtype=np.float32)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def in_chunks(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray,
+              batch_range: tuple[int, int | None]) -> np.ndarray:
+    """`run` over `inputs` in chunks of at most the export's largest batch, outputs
+    concatenated. A chunk smaller than its smallest batch is padded with copies of its last
+    row, whose outputs are dropped (rows are independent of each other: parity holds at
+    every batch size)."""
+    low, high = batch_range
+    size = high or len(inputs)
+    outputs = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start:start + size]
+        missing = low - len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)]) \
+            if missing > 0 else chunk
+        outputs.append(run(padded)[:len(chunk)])
+    return np.concatenate(outputs)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(-1, keepdims=True)
