@@ -36,7 +36,7 @@ from mmdeploy.rows import COLUMNS, error_row, prediction_row
 from mmdeploy.runtime.base import Predictor
 
 from .inputs import Entry
-from .writers import RowWriter, completed_paths
+from .writers import RowWriter, completed_keys
 
 __all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
            "new_inputs", "predict_rows", "prepare_input", "run_inference", "write_rows"]
@@ -76,14 +76,14 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     """Write one row per input to `output` (JSONL or CSV by extension) and count them."""
     started = time.perf_counter()
     summary = InferenceSummary()
-    done = completed_paths(output) if options.resume else set()
+    done = completed_keys(output) if options.resume else set()
     batch_size = options.batch_size  # the predictor cuts it to its export's batch range
     prepare = partial(prepare_input, predictor.preprocessor)
     todo = new_inputs(inputs, done, summary)
-    prepared = _in_order(prepare, todo, options.workers, depth=2 * batch_size)
+    prepared = in_order(prepare, todo, options.workers, depth=2 * batch_size)
     with (contextlib.closing(prepared), RowWriter(output, append=options.resume) as writer,
           progress(desc=f"infer ({predictor.backend})", unit="img") as bar):
-        for batch in _batches(prepared, batch_size):
+        for batch in in_batches(prepared, batch_size):
             write_rows(predict_rows(predictor, batch, options.top_k), writer, summary, bar,
                        options.fail_fast)
     summary.seconds = time.perf_counter() - started
@@ -134,7 +134,7 @@ def prepare_input(preprocessor: Preprocessor, entry: Entry) -> Prepared:
         return str(exc)
 
 
-def _in_order(function: Callable[[Item], Result], items: Iterable[Item], workers: int,
+def in_order(function: Callable[[Item], Result], items: Iterable[Item], workers: int,
               depth: int) -> Iterator[tuple[Item, Result]]:
     """`(item, function(item))` in input order, computed by `workers` threads at most `depth`
     items ahead of the consumer (the bounded queue); `workers=0` computes them inline."""
@@ -158,7 +158,7 @@ def _in_order(function: Callable[[Item], Result], items: Iterable[Item], workers
                 future.cancel()
 
 
-def _batches(pairs: Iterator[tuple[Item, Result]],
+def in_batches(pairs: Iterator[tuple[Item, Result]],
              size: int) -> Iterator[list[tuple[Item, Result]]]:
     batch = []
     for pair in pairs:

@@ -12,7 +12,7 @@ actors send each row back as JSON text and the driver writes it with the same `R
 so a row is the bytes `--engine local` writes for that file. Only the order differs: Ray
 finishes batches in any order, so rows are keyed by path, never by position. A killed run
 has written whole rows plus at most a torn last line, which is all `--resume`
-(`rows.completed_paths`) needs.
+(`writers.completed_keys`) needs.
 
 On a cluster, the decode tasks and the actors open the inputs and the run directory at the
 paths the driver listed (a shared filesystem, or the same copy on every node); only pixels
@@ -44,7 +44,7 @@ from mmdeploy.rows import COLUMNS
 from .batch import InferenceSummary, new_inputs, predict_rows, prepare_input, write_rows
 from .inputs import Entry
 from .ray_cluster import PredictorSpec, RayOptions, RaySession, gpus_per_worker, ray_session
-from .writers import RowWriter, completed_paths
+from .writers import RowWriter, completed_keys
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
@@ -122,7 +122,7 @@ def run_ray_inference(spec: PredictorSpec, inputs: Iterable[Entry], output: Path
     started = time.perf_counter()
     check_output(output, options)
     summary = InferenceSummary()
-    done = completed_paths(output) if options.resume else set()
+    done = completed_keys(output) if options.resume else set()
     todo = [_item(entry) for entry in new_inputs(inputs, done, summary)]
     with (_writer(output, append=options.resume) as writer,
           progress(desc=f"infer ({spec.backend}, ray)", unit="img", total=len(todo)) as bar):

@@ -2,7 +2,7 @@
 
 One JSON object per line (`.jsonl`) or one CSV record (`.csv`, `topk` as JSON text), each
 row one physical line (`rows`). So a process killed mid-write can only leave a torn *last*
-line, and `completed_paths` cuts exactly that off before `--resume` appends.
+line, and `completed_keys` cuts exactly that off before `--resume` appends.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from mmdeploy.rows import COLUMNS
 
 class RowWriter:
     """Appends rows to a JSONL or CSV file (the format follows the extension), flushed after
-    every `write` so that a killed run loses at most the batch it was writing."""
+    every `write` so that a killed run loses at most the batch it was writing. `columns`:
+    `SHARED_COLUMNS` for the rows of several runs."""
 
-    def __init__(self, path: Path, append: bool):
+    def __init__(self, path: Path, append: bool, columns: list[str] = COLUMNS):
         self.path = path
         self.csv = path.suffix.lower() == ".csv"
         fresh = not append or not path.exists() or path.stat().st_size == 0
         self.handle = open(path, "w" if fresh else "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self._csv_writer = csv.DictWriter(self.handle, COLUMNS, lineterminator="\n")
+        self._csv_writer = csv.DictWriter(self.handle, columns, lineterminator="\n")
         if self.csv and fresh:
             self._csv_writer.writeheader()
 
@@ -46,8 +47,10 @@ class RowWriter:
         self.close()
 
 
-def completed_paths(path: Path) -> set[str]:
-    """Paths of the complete rows in `path`; a torn last line (a kill mid-write) is cut off.
+def completed_keys(path: Path, columns: list[str] = COLUMNS) -> set[str | tuple[str, str]]:
+    """Keys of the complete rows in `path`: each row's path, or (path, run) for the rows of
+    several runs (`columns` = `SHARED_COLUMNS`). A torn last line (a kill mid-write) is cut
+    off.
 
     Streams the file, so resuming a million-row output does not hold its text in memory.
     A line that is not a row of ours is an error naming the line: appending to someone
@@ -55,7 +58,7 @@ def completed_paths(path: Path) -> set[str]:
     """
     if not path.exists():
         return set()
-    paths: set[str] = set()
+    keys: set[str | tuple[str, str]] = set()
     is_csv = path.suffix.lower() == ".csv"
     complete = 0
     with open(path, "r+b") as handle:
@@ -64,28 +67,38 @@ def completed_paths(path: Path) -> set[str]:
                 break
             complete += len(line)
             if is_csv and number == 1:
-                _check_header(path, line)
+                _check_header(path, line, columns)
             else:
-                paths.add(_row_path(path, number, line, is_csv))
+                keys.add(_row_key(path, number, line, is_csv, columns))
         if complete < handle.seek(0, 2):
             handle.truncate(complete)
-    return paths
+    return keys
 
 
-def _check_header(path: Path, line: bytes) -> None:
-    if line.rstrip(b"\r\n").decode("utf-8", "replace") != ",".join(COLUMNS):
-        raise InputError(f"{path}:1: not a header written by `mmdeploy infer` (expected "
-                         f"{','.join(COLUMNS)}); pass --overwrite to start again")
+def _check_header(path: Path, line: bytes, columns: list[str]) -> None:
+    if line.rstrip(b"\r\n").decode("utf-8", "replace") != ",".join(columns):
+        raise InputError(f"{path}:1: not a header written by `mmdeploy infer{_shared(columns)}` "
+                         f"(expected {','.join(columns)}); pass --overwrite to start again")
 
 
-def _row_path(path: Path, number: int, line: bytes, is_csv: bool) -> str:
+def _row_key(path: Path, number: int, line: bytes, is_csv: bool,
+             columns: list[str]) -> str | tuple[str, str]:
+    """The row's path, or (path, run) when `columns` has a run; a row with a run in a file
+    of rows without, or the other way round, is not one of ours."""
     try:
         text = line.decode("utf-8")
-        row = next(csv.reader([text])) if is_csv else json.loads(text)
-        value = row[0] if is_csv else row["path"]
-        if not isinstance(value, str) or not value:
+        row = dict(zip(columns, next(csv.reader([text])), strict=False)) if is_csv \
+            else json.loads(text)
+        if ("run" in row) != ("run" in columns):
+            raise ValueError("another kind of rows")
+        key = tuple(row[column] for column in ("path", "run") if column in columns)
+        if not all(isinstance(value, str) and value for value in key):
             raise ValueError("no path")
-        return value
+        return key if len(key) > 1 else key[0]
     except (ValueError, KeyError, IndexError, TypeError, csv.Error, StopIteration):
-        raise InputError(f"{path}:{number}: not a row written by `mmdeploy infer`; pass "
-                         "--overwrite to start again") from None
+        raise InputError(f"{path}:{number}: not a row written by `mmdeploy infer"
+                         f"{_shared(columns)}`; pass --overwrite to start again") from None
+
+
+def _shared(columns: list[str]) -> str:
+    return " --shared" if "run" in columns else ""

@@ -289,9 +289,15 @@ def verify(run_path) -> None:
 
 @cli.command()
 @click.argument("run_path", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Rows out: .jsonl or .csv (or .parquet with --engine ray).")
+@click.option("--shared", "shared_dir", type=click.Path(path_type=Path), default=None,
+              help="A shared export (`export --shared RUN1 RUN2 ... --out DIR`): every "
+                   "argument is an input, and each input gets a row per run.")
+@click.option("--runs", "shared_runs", default=None,
+              help="With --shared: the runs to infer with, comma-separated names of DIR's "
+                   "branches. Default: all of them.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: the fastest one present, and it says why.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -316,8 +322,9 @@ def verify(run_path) -> None:
                    "backend, else one per node.")
 @click.option("--precision", type=click.Choice(SERVING_PRECISIONS), default=None,
               help=_PRECISION_HELP)
-def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume, overwrite,
-          fail_fast, engine, ray_address, actors, precision) -> None:
+def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size, top_k,
+          workers, resume, overwrite, fail_fast, engine, ray_address, actors,
+          precision) -> None:
     """Batch inference over folders, globs or manifests; one row per file, written as it
     goes (in input order; with --engine ray in the order batches finish, keyed by path),
     with a progress bar and a summary at the end.
@@ -327,6 +334,13 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
       mmdeploy infer runs/hmmoe-demo photos/ 'more/*.jpg' list.csv -o preds.jsonl
       mmdeploy infer runs/hmmoe-demo photos/ -o preds.jsonl --resume   # after a kill
       mmdeploy infer runs/hmmoe-demo photos/ -o preds.parquet --engine ray --actors 2
+      mmdeploy infer --shared shared/ photos/ -o preds.jsonl   # a row per image and run
+
+    With --shared DIR, the runs come from their shared export, not from RUN arguments: DIR
+    is where the trunk and branches are, verified together and named in its manifest
+    (a run folder does not say which shared export it is in), and every argument is then an
+    input. Each image is decoded once and goes through the trunk once, then each run's
+    branch; an image that cannot be read gets an error row for each run.
     """
     import itertools
 
@@ -334,7 +348,16 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
     from .inference.inputs import list_inputs
     from .runtime import default_precision, load_predictor, pick_backend
 
-    precision = precision or default_precision(run_path)
+    if shared_dir is not None:
+        inputs = (str(run_path), *inputs)
+        if engine == "ray" or precision == "int8":
+            raise ConfigError("--shared serves FP32 trunk and branches with --engine local")
+    elif shared_runs is not None:
+        raise ConfigError("--runs needs --shared DIR")
+    elif not inputs:
+        raise ConfigError("infer takes RUN INPUTS..., or --shared DIR INPUTS...")
+    else:
+        precision = precision or default_precision(run_path)
     if engine == "ray":
         from .inference.ray_cluster import require_ray
 
@@ -351,6 +374,13 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
     if output.exists() and not (resume or overwrite):
         raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
     listed = itertools.chain.from_iterable([list_inputs(spec) for spec in inputs])
+    options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
+                               fail_fast=fail_fast,
+                               workers=DEFAULT_WORKERS if workers is None else workers)
+    if shared_dir is not None:
+        summary = _infer_shared(shared_dir, shared_runs, backend, listed, output, options)
+        _echo_summary(summary, output, "rows")
+        return
     chosen, skipped = pick_backend(run_path, backend, precision)
     for reason in skipped:
         click.echo(f"not using {reason}", err=True)
@@ -366,15 +396,27 @@ def infer(run_path, inputs, output, backend, batch_size, top_k, workers, resume,
         predictor = load_predictor(run_path, chosen, precision)
         click.echo(f"backend: {predictor.describe()}, precision {predictor.precision}",
                    err=True)
-        options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
-                                   fail_fast=fail_fast,
-                                   workers=DEFAULT_WORKERS if workers is None else workers)
         summary = run_inference(predictor, listed, output, options)
+    _echo_summary(summary, output, "images")
+
+
+def _infer_shared(shared_dir, runs, backend, listed, output, options):
+    """`infer --shared DIR`: a row per input and run, through one trunk."""
+    from .inference.shared import run_shared_inference
+    from .runtime.shared import SharedPredictor
+
+    names = None if runs is None else [name.strip() for name in runs.split(",")]
+    predictor = SharedPredictor(shared_dir, backend, names)
+    click.echo(f"backend: {predictor.describe()}; runs: {', '.join(predictor.runs)}", err=True)
+    return run_shared_inference(predictor, listed, output, options)
+
+
+def _echo_summary(summary, output: Path, unit: str) -> None:
     count = summary.duplicates
     duplicates = f", {count} duplicate{'s' * (count != 1)} skipped" if count else ""
     click.echo(f"{summary.written} rows written ({summary.errors} errors, {summary.resumed} "
                f"already done{duplicates}) in {summary.seconds:.1f} s "
-               f"({summary.images_per_second:.1f} images/s) -> {output}")
+               f"({summary.images_per_second:.1f} {unit}/s) -> {output}")
 
 
 def _batches(text: str) -> list[int]:
