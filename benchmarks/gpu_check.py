@@ -404,19 +404,12 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def _timing():
-    """The bench's `Runner` and `measure` (host numpy in, host numpy out, CUDA synchronized
-    after the warm-up), wherever the tree keeps them."""
-    try:
-        from mmdeploy.runtime.timing import Runner, measure
-    except ImportError:
-        from mmdeploy.bench.backends import Runner, measure
-    return Runner, measure
-
-
 def _runner(backend: str, device: str, precision: str, run: Callable):
-    runner, _ = _timing()
-    return runner(backend, device, precision, run)
+    """The bench's `Runner`: host numpy in, host numpy out (imported late, as every project
+    module here, so a missing package is reported by the step that needs it)."""
+    from mmdeploy.runtime.timing import Runner
+
+    return Runner(backend, device, precision, run)
 
 
 def _cuda() -> bool:
@@ -916,7 +909,7 @@ def backend_step(check: Check, figures: dict, adapter: str, backend: str,
 def _time_row(check: Check, subject: Subject, built: Backend, batch: int) -> dict:
     import torch
 
-    _, measure = _timing()
+    from mmdeploy.runtime.timing import measure
 
     settings = check.settings
     pixels = subject.pixels(batch)

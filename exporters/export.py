@@ -217,11 +217,14 @@ def _interface(job: ExportJob, reference, cases) -> dict:
     deploy form's, with the batch as a named axis."""
     with torch.inference_mode():
         logits, embeddings = reference(cases[0][1][:1])
-    height, width = job.image_size
-    return {"inputs": [{"name": INPUT_NAME, "dtype": "float32",
-                        "shape": ["batch", 3, height, width]}],
-            "outputs": [{"name": name, "dtype": "float32", "shape": ["batch", tensor.shape[1]]}
+    return {"inputs": [describe(INPUT_NAME, cases[0][1][:1])],
+            "outputs": [describe(name, tensor)
                         for name, tensor in zip(OUTPUT_NAMES, (logits, embeddings), strict=True)]}
+
+
+def describe(name: str, tensor: torch.Tensor) -> dict:
+    """One FP32 input or output of an export: its name and shape, the batch a named axis."""
+    return {"name": name, "dtype": "float32", "shape": ["batch", *tensor.shape[1:]]}
 
 
 def _form_gap(reference, deploy, cases) -> float:

@@ -41,7 +41,7 @@ from mmdeploy.runtime.onnxruntime import OnnxSession
 from mmdeploy.runtime.shared import MANIFEST_FILE, branch_name, trunk_name
 
 from .aoti import compile_program
-from .export import VERSIONED, keep_aside, publish, staging_dir
+from .export import VERSIONED, describe, keep_aside, publish, staging_dir
 from .formats import onnx_graph
 from .parity import ParityReport, parity_batches, parity_inputs, run_parity
 
@@ -75,13 +75,9 @@ def _build_aoti(model, path, sample, names, config, log) -> tuple[dict, dict]:
         outputs = model(sample)
     outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
     input_name, output_names = names
-    interface = {"inputs": [_describe(input_name, sample)], "opset": None,
-                 "outputs": [_describe(n, t) for n, t in zip(output_names, outputs, strict=True)]}
+    interface = {"inputs": [describe(input_name, sample)], "opset": None,
+                 "outputs": [describe(n, t) for n, t in zip(output_names, outputs, strict=True)]}
     return interface, details
-
-
-def _describe(name: str, tensor: torch.Tensor) -> dict:
-    return {"name": name, "dtype": "float32", "shape": ["batch", *tensor.shape[1:]]}
 
 
 ENGINES = {
