@@ -19,8 +19,10 @@ import httpx
 import numpy as np
 import pytest
 
+from mmdeploy.apps.adapters import AdapterService, AddRefused
 from mmdeploy.images import load_image
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
+from mmdeploy.runtime.shared import SharedPredictor
 
 pytest.importorskip("prometheus_client", reason="the ui extra is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -222,3 +224,23 @@ def test_shutdown_leaves_no_process_behind(server):
     assert code == 0 and out.rstrip().endswith("stopped"), f"{code}\n{out}\n{err}"
     assert "Traceback" not in err, err
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
+def test_adding_is_refused_without_allow_add(shared_dir, tiny_run):
+    service = AdapterService(SharedPredictor(shared_dir))
+    try:
+        with pytest.raises(AddRefused, match="start the server with --allow-add"):
+            service.add(str(tiny_run))
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["RUN1", "RUN2"], "export --shared RUN1 RUN2"),
+    (["RUN1", "--allow-add"], "--runs and --allow-add need --shared DIR"),
+    (["--shared", "DIR", "RUN1"], "takes no RUN"),
+])
+def test_bad_serve_invocations_are_one_line(cli, expect_error, tiny_run, shared_dir, args,
+                                            fragment):
+    names = {"RUN1": tiny_run, "RUN2": tiny_run, "DIR": shared_dir}
+    expect_error(cli(["serve", *(names.get(a, a) for a in args), "--port", "0"]), fragment)
