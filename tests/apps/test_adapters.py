@@ -19,13 +19,14 @@ import httpx
 import numpy as np
 import pytest
 
-from mmdeploy.apps.adapters import AdapterService, AddRefused
 from mmdeploy.images import load_image
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 from mmdeploy.runtime.shared import SharedPredictor
 
 pytest.importorskip("prometheus_client", reason="the ui extra is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from mmdeploy.apps.adapters import AdapterService, AddRefused  # noqa: E402
 
 BATCH_WAIT_MS = 50  # long enough that requests sent together share a trunk pass
 
