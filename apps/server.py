@@ -88,6 +88,13 @@ def build_app(classifier: Classifier, config: ServeConfig, examples_dir: Path) -
                 "backend": classifier.backend, "classes": len(classifier.class_names),
                 "concurrency": config.concurrency, "served": classifier.counters.snapshot()}
 
+    return mount_page(app, blocks, config, examples_dir)
+
+
+def mount_page(app: FastAPI, blocks: gr.Blocks, config: ServeConfig,
+               examples_dir: Path) -> ServedApp:
+    """Mount the Gradio page `blocks` at `/` of `app`, serving files from `examples_dir`
+    and the uploads of clients only."""
     gr.mount_gradio_app(app, blocks, path="/", server_name=config.host,
                         server_port=config.port, max_file_size=config.limits.max_file_bytes,
                         allowed_paths=[str(examples_dir)], ssr_mode=False,
@@ -172,8 +179,15 @@ def _interrupt(signum, frame) -> None:
 
 def serve(classifier: Classifier, config: ServeConfig, listener: socket.socket,
           on_ready: Callable[[str], None]) -> None:
-    """Serve on `listener` (from `listen.bind`) until SIGINT or SIGTERM, then shut down cleanly and
-    return.
+    """Serve `classifier`'s app (`build_app`) on `listener`: see `serve_app`."""
+    serve_app(lambda examples_dir: build_app(classifier, config, examples_dir), config,
+              listener, on_ready)
+
+
+def serve_app(build: Callable[[Path], ServedApp], config: ServeConfig,
+              listener: socket.socket, on_ready: Callable[[str], None]) -> None:
+    """Serve the app `build(examples_dir)` makes on `listener` (from `listen.bind`) until
+    SIGINT or SIGTERM, then shut down cleanly and return.
 
     uvicorn catches both signals, drains, and re-raises the signal to the handler that was
     installed before it; SIGTERM's is set to raise KeyboardInterrupt like SIGINT's, so both
@@ -181,7 +195,7 @@ def serve(classifier: Classifier, config: ServeConfig, listener: socket.socket,
     """
     with tempfile.TemporaryDirectory(prefix="mmdeploy-examples-") as examples_dir, \
             _private_gradio_cache():
-        served = build_app(classifier, config, Path(examples_dir))
+        served = build(Path(examples_dir))
         server = _Server(served, uvicorn.Config(
             served.app, log_level="warning", http=_HeadDeadline,
             limit_concurrency=config.max_connections,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..data import display_name
 from ..errors import InputError, MmdeployError
-from ..images import MAX_IMAGE_PIXELS, ImageSource, image_pixels, load_image
+from ..images import MAX_IMAGE_PIXELS, ImageSource, Preprocessor, image_pixels, load_image
 from ..info import describe_run
 from ..rows import error_row, prediction_row
 from ..runtime import default_precision, load_predictor, pick_backend
@@ -167,7 +167,7 @@ class Classifier:
         local backbone by their folder's name) unless `show_paths`."""
         if show_paths:
             return self.details
-        spec = ",".join(_folder_name(part) for part in self.details["backbone"].split(","))
+        spec = ",".join(folder_name(part) for part in self.details["backbone"].split(","))
         return {**self.details, "run": self.run_path.name, "backbone": spec}
 
     def classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
@@ -183,49 +183,15 @@ class Classifier:
 
     def decode(self, uploads: list[tuple[str, ImageSource]], thumbnails: bool = False,
                ) -> Decoded:
-        """Decode and preprocess `(name, file or bytes)` uploads as `infer` reads a file, one
-        at a time and within the server's pixel budget: each decoded image is released once
-        its pixels (and, if asked, its thumbnail) are taken, so a request holds at most one
-        full-size image however many it carries. An error row for each upload that fails;
-        if none decodes, an `InputError` naming every reason."""
-        decoded = Decoded([None] * len(uploads))
-        pixels: list[np.ndarray] = []
-        for position, (name, source) in enumerate(uploads):
-            with self.budget.hold(image_pixels(source)):
-                try:
-                    image = load_image(source, name=name)
-                    self.predictor.preprocessor.check(image, name)
-                except InputError as exc:
-                    decoded.rows[position] = error_row(name, str(exc))
-                    continue
-                pixels.append(self.predictor.preprocessor([image]))
-                if thumbnails:
-                    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # in place: no copy
-                    decoded.thumbnails.append(image)
-                del image
-            release_freed_memory()
-            decoded.positions.append(position)
-            decoded.names.append(name)
-        if not pixels:
-            raise InputError("; ".join(row["error"] for row in decoded.rows))
-        decoded.pixels = np.concatenate(pixels)
-        return decoded
+        """`decode_uploads` with this run's preprocessing, within the server's pixel budget."""
+        return decode_uploads(uploads, self.predictor.preprocessor, self.budget, thumbnails)
 
     def fill_rows(self, decoded: Decoded, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
         """The request's rows: each decoded upload's prediction row in its place."""
-        rows = list(decoded.rows)
-        for position, name, prob, label in zip(decoded.positions, decoded.names, probs, labels,
-                                               strict=True):
-            rows[position] = prediction_row(name, prob, int(label), self.class_names,
-                                            self.limits.top_k)
-        return rows
+        return fill_rows(decoded, probs, labels, self.class_names, self.limits.top_k)
 
     def _classify(self, uploads: list[tuple[str, str | os.PathLike]]) -> Prediction:
-        if not uploads:
-            raise InputError("no image uploaded: choose one or more image files")
-        if len(uploads) > self.limits.max_images:
-            raise InputError(f"{len(uploads)} images uploaded; the limit is "
-                             f"{self.limits.max_images} a request")
+        check_count(uploads, self.limits)
         started = time.perf_counter()
         decoded = self.decode([(display_name(name), path) for name, path in uploads],
                               thumbnails=True)
@@ -239,7 +205,58 @@ class Classifier:
                           (model_done - decode_done) * 1e3)
 
 
-def _folder_name(spec: str) -> str:
+def check_count(uploads: list, limits: ServeLimits) -> None:
+    """A request carries at least one upload and at most `limits.max_images`."""
+    if not uploads:
+        raise InputError("no image uploaded: choose one or more image files")
+    if len(uploads) > limits.max_images:
+        raise InputError(f"{len(uploads)} images uploaded; the limit is "
+                         f"{limits.max_images} a request")
+
+
+def decode_uploads(uploads: list[tuple[str, ImageSource]], preprocessor: Preprocessor,
+                   budget: PixelBudget, thumbnails: bool = False) -> Decoded:
+    """Decode and preprocess `(name, file or bytes)` uploads as `infer` reads a file, one
+    at a time and within the server's pixel `budget`: each decoded image is released once
+    its pixels (and, if asked, its thumbnail) are taken, so a request holds at most one
+    full-size image however many it carries. An error row for each upload that fails;
+    if none decodes, an `InputError` naming every reason."""
+    decoded = Decoded([None] * len(uploads))
+    pixels: list[np.ndarray] = []
+    for position, (name, source) in enumerate(uploads):
+        with budget.hold(image_pixels(source)):
+            try:
+                image = load_image(source, name=name)
+                preprocessor.check(image, name)
+            except InputError as exc:
+                decoded.rows[position] = error_row(name, str(exc))
+                continue
+            pixels.append(preprocessor([image]))
+            if thumbnails:
+                image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # in place: no copy
+                decoded.thumbnails.append(image)
+            del image
+        release_freed_memory()
+        decoded.positions.append(position)
+        decoded.names.append(name)
+    if not pixels:
+        raise InputError("; ".join(row["error"] for row in decoded.rows))
+    decoded.pixels = np.concatenate(pixels)
+    return decoded
+
+
+def fill_rows(decoded: Decoded, probs, labels, class_names: list[str], top_k: int,
+              ) -> list[dict]:
+    """A request's rows: each decoded upload's prediction row in its place (`decoded.rows`
+    holds the error rows)."""
+    rows = list(decoded.rows)
+    for position, name, prob, label in zip(decoded.positions, decoded.names, probs, labels,
+                                           strict=True):
+        rows[position] = prediction_row(name, prob, int(label), class_names, top_k)
+    return rows
+
+
+def folder_name(spec: str) -> str:
     """A local checkpoint path as its folder's name; a hub id or `tiny` as it is."""
     return Path(spec).name if os.path.isabs(spec) or Path(spec).exists() else spec
 

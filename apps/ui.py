@@ -84,6 +84,90 @@ def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = 
     return blocks
 
 
+def build_adapters_ui(service, examples: list[Path], examples_note: str = "",
+                      show_paths: bool = False) -> gr.Blocks:
+    """The page of a shared export (`apps.adapters.AdapterService`): as `build_ui`, with a
+    dropdown of the adapters served (the default first; refreshed when the page loads, as
+    adapters come and go) and an Adapters tab of their classes and parity."""
+
+    def classify(paths: list[str] | None, adapter: str | None):
+        try:
+            uploads = [(Path(p).name, uploaded_file(p, blocks.GRADIO_CACHE))
+                       for p in paths or []]
+            name, result = service.classify(uploads, adapter, thumbnails=True)
+        except MmdeployError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        if result.errors:
+            gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
+                       + "; ".join(result.errors))
+        thumbnails = [(save_thumbnail(image, blocks.GRADIO_CACHE), caption)
+                      for image, caption in result.thumbnails]
+        return (_label_value(result.predicted[0]),
+                f"adapter **{name}**, {status_markdown(result)}", thumbnails,
+                _table(result.rows), result.predicted)
+
+    def select(predicted: list[dict], event: gr.SelectData):
+        return _label_value(predicted[event.index])
+
+    def refresh():
+        return (gr.update(choices=service.adapters, value=service.default),
+                adapters_markdown(service.describe(show_paths)))
+
+    title = f"mmdeploy: {len(service.adapters)} adapters on one trunk"
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 600)) as blocks:
+        gr.Markdown(f"## {title}\nServed by **{service.backend}**. Limits: "
+                    f"{service.limits.describe()}.")
+        rows = gr.State([])
+        with gr.Tab("Classify"), gr.Row():
+            with gr.Column():
+                adapter = gr.Dropdown(service.adapters, value=service.default,
+                                      label="Adapter", allow_custom_value=True)
+                files = gr.File(label="Images", file_count="multiple", type="filepath")
+                button = gr.Button("Classify", variant="primary")
+                examples_slot = gr.Column()
+            with gr.Column():
+                label = gr.Label(label="Top classes", num_top_classes=service.limits.top_k)
+                status = gr.Markdown()
+                gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
+                                     height=280, object_fit="contain", allow_preview=False)
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
+                                     interactive=False, wrap=True)
+        with gr.Tab("Adapters"):
+            listing = gr.Markdown(adapters_markdown(service.describe(show_paths)))
+        outputs = [label, status, gallery, table, rows]
+        with examples_slot:
+            if examples:
+                gr.Examples([[[str(path)]] for path in examples], inputs=[files],
+                            outputs=outputs, fn=lambda paths: classify(paths, None),
+                            run_on_click=True, cache_examples=False,
+                            label="Examples from the default adapter's held-out test split")
+            elif examples_note:
+                gr.Markdown(examples_note)
+        button.click(classify, inputs=[files, adapter], outputs=outputs, api_name="classify")
+        gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private",
+                       queue=False)
+        blocks.load(refresh, outputs=[adapter, listing], api_visibility="private",
+                    queue=False)
+    return blocks
+
+
+def adapters_markdown(adapters: list[dict]) -> str:
+    """The Adapters tab: each adapter served and how its branch matched its run's PyTorch
+    model through the trunk."""
+    lines = ["| adapter | class | run | classes | parity | max abs | min cosine | "
+             "top-1 agreement | requests |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in adapters:
+        parity = a["parity"]
+        lines.append(f"| **{a['name']}** | {a['adapter']} | `{a['run']}` | "
+                     f"{len(a['classes'])}: {', '.join(a['classes'])} | "
+                     f"{'passed' if parity['passed'] else 'failed'} ({parity['backend']}, "
+                     f"batches {parity['batches']}) | {_figure(parity, 'max_abs', '.2e')} | "
+                     f"{_figure(parity, 'min_cosine', '.6f')} | "
+                     f"{_figure(parity, 'top1_agreement', '.1%')} | "
+                     f"{a['served']['requests']} |")
+    return "\n".join(lines)
+
+
 def uploaded_file(path: str, cache: str) -> str:
     """`path` if it lies in Gradio's cache, where client uploads (and the app's examples)
     are stored; any other server path is refused without being opened. Gradio itself

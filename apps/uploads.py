@@ -165,16 +165,26 @@ class MultipartLimit:
             part.chunks.append(bytes(data[start:end]))
 
 
-async def read_uploads(request: Request, limits: ServeLimits) -> list[tuple[str, bytes]]:
-    """The `FILE_FIELD` parts of a multipart request as (display name, bytes), read within
-    `limits` (see the module docstring): nothing is spooled to disk."""
+async def read_form(request: Request, limits: ServeLimits,
+                    ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """A multipart request read within `limits` (see the module docstring; nothing is
+    spooled to disk): its `FILE_FIELD` parts as (display name, bytes), and its plain fields
+    by name (the last of a repeated one)."""
     check_length(request.headers, body_limit(limits))
     parts = MultipartLimit(request.headers.get("content-type", ""), limits, keep=True)
     async for chunk in request.stream():
         parts.feed(chunk)
     parts.finish()
-    files = [part for part in parts.files if part.name == FILE_FIELD]
-    return [(display_name(part.filename), part.data) for part in files]
+    files = [(display_name(part.filename), part.data) for part in parts.files
+             if part.name == FILE_FIELD]
+    fields = {part.name: part.data.decode("utf-8", "replace") for part in parts.parts
+              if part.filename is None}
+    return files, fields
+
+
+async def read_uploads(request: Request, limits: ServeLimits) -> list[tuple[str, bytes]]:
+    """The `FILE_FIELD` parts of a multipart request (`read_form`)."""
+    return (await read_form(request, limits))[0]
 
 
 class _RefusedMidStream(MultiPartException):
@@ -185,15 +195,20 @@ class _RefusedMidStream(MultiPartException):
 class UploadLimitMiddleware:
     """ASGI middleware: `upload_path` takes multipart uploads within `limits`; every other
     request body is at most `OTHER_BODY_BYTES`. Over-limit requests that say so in their
-    headers are answered here (411/413) without reaching the app."""
+    headers are answered here (411/413) without reaching the app. Requests for which
+    `reads_own_body(method, path)` is true are passed on as they are: their routes read no
+    body, or read it with `read_form`, which holds the same limits."""
 
-    def __init__(self, app: Callable, upload_path: str, limits: ServeLimits):
+    def __init__(self, app: Callable, upload_path: str, limits: ServeLimits,
+                 reads_own_body: Callable[[str, str], bool] = lambda method, path: False):
         self.app = app
         self.upload_path = upload_path
         self.limits = limits
+        self.reads_own_body = reads_own_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS")
+                or self.reads_own_body(scope["method"], scope["path"])):
             return await self.app(scope, receive, send)
         request = Request(scope)
         upload = scope["path"] == self.upload_path

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from mmdeploy.artifacts import ExportRecord, Manifest, RunDir, installed_versions
-from mmdeploy.backbone import load_backbone, torch_device
+from mmdeploy.backbone import _short, load_backbone, torch_device
 from mmdeploy.config import ExportConfig
-from mmdeploy.errors import ArtifactError, ConfigError
+from mmdeploy.errors import ArtifactError, BackboneMismatchError, ConfigError
 from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
 from mmdeploy.models.shared import Trunk, as_branch, refuse_other_backbones, trunk_block
 from mmdeploy.runs import RunConfig, load_model, load_run_config
@@ -163,6 +163,64 @@ def export_shared(run_paths: list[Path], out: Path, config: ExportConfig,
     return manifest
 
 
+def add_to_shared(shared_dir: Path, run_path: Path,
+                  log: Callable[[str], None] = print) -> str:
+    """Export one more run's branch into the shared export `shared_dir`, against the trunk
+    already there (a live server's: it is not rebuilt), in each format it has, verified
+    through that trunk graph as `export_shared` verifies; the manifest gains the branch once
+    it passed; a run whose branch is there already (same path and weights: removed from a
+    server and added again) is not exported again. Returns the branch's name (the run
+    folder's). Refused in one line: a run on
+    another backbone, or one adapting a block the trunk already runs frozen (export the set
+    again with --shared)."""
+    manifest = Manifest.load(shared_dir / MANIFEST_FILE)
+    trunks = {fmt: record for fmt in ENGINES
+              if (record := manifest.record(trunk_name(fmt))) is not None}
+    if not trunks:
+        raise ArtifactError(f"{shared_dir.name}: no verified trunk to add a branch to")
+    run = SharedRun(run_path.name, run_path, load_run_config(RunDir(run_path)))
+    first = next(iter(trunks.values()))
+    if run.config.backbone_identity != first.details["backbone_identity"]:
+        raise BackboneMismatchError(
+            f"{run.name} was trained on another backbone "
+            f"({_short(run.config.backbone_identity)}) than this trunk's "
+            f"({_short(first.details['backbone_identity'])}): one trunk serves one backbone")
+    exported = [manifest.record(run.record_name(fmt)) for fmt in trunks]
+    if all(record is not None and record.details["run"] == str(run.path.resolve())
+           and record.details["weights_sha256"] == run.config.weights_sha256
+           for record in exported):
+        log(f"{run.name}: its branch is in {shared_dir.name} already, verified through this "
+            "trunk (same weights); not exported again")
+        return run.name
+    reference = load_model(run.path)[0]
+    block, adapted = first.details["block"], reference.first_adapted_block()
+    if adapted is None or adapted < block:
+        where = "every block" if adapted is None else f"block {adapted}"
+        raise ConfigError(f"{run.name} adapts {where}, before this trunk's cut at block "
+                          f"{block}: export the set again with --shared to serve it")
+    records = {}
+    for fmt, trunk in trunks.items():
+        config = ExportConfig(formats=(fmt,), batch_min=trunk.batch_range["min"],
+                              batch_opt=trunk.batch_range["opt"],
+                              batch_max=trunk.batch_range["max"])
+        trunk.verify_files(shared_dir)
+        trunk_graph = ENGINES[fmt].load(shared_dir / trunk.main_file, (TRUNK_OUTPUT,))
+        size = reference.backbone.preprocessor.image_size
+        sample = np.random.default_rng(0).standard_normal(
+            (max(2, config.batch_min), 3, *size)).astype(np.float32)
+        features = torch.from_numpy(trunk_graph(sample)[TRUNK_OUTPUT])
+        record, report = _export_branch(fmt, run, reference, block, trunk_graph, features,
+                                        trunk.main_file, config,
+                                        manifest.parity_seed or 0, shared_dir, log)
+        if record is None:
+            report.raise_if_failed()
+        records[run.record_name(fmt)] = record
+    manifest = Manifest.load(shared_dir / MANIFEST_FILE)  # as it is now
+    manifest.exports.update(records)
+    manifest.save(shared_dir / MANIFEST_FILE)
+    return run.name
+
+
 def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[ParityReport]:
     """The trunk and every branch in format `fmt`: each branch published once it passed
     parity through the staged trunk, the trunk once a branch passed (kept aside with the
@@ -178,29 +236,14 @@ def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[Par
                                           (INPUT_NAME, (TRUNK_OUTPUT,)), config, job.log)
         trunk_graph = engine.load(trunk_staging / trunk_file, (TRUNK_OUTPUT,))
         for run in job.runs:
-            branch_file = f"branch-{run.name}{engine.suffix}"
-            branch = as_branch(load_model(run.path)[0], job.trunk.block)
-            with staging_dir(out) as staging:
-                branch_interface, branch_details = engine.build(
-                    branch, staging / branch_file, sample_features,
-                    (TRUNK_OUTPUT, OUTPUT_NAMES), config, job.log)
-                report = _branch_parity(job, run, engine, trunk_graph,
-                                        engine.load(staging / branch_file, OUTPUT_NAMES))
-                if not report.passed:
-                    job.log(f"{run.name}: {fmt} failed parity through the trunk "
-                            f"({report.summary()}); kept aside as {branch_file}.failed")
-                    keep_aside(staging, out, report.to_dict(), branch_file)
-                    failures.append(report)
-                    continue
-                record = _record(engine, config, report.to_dict(), branch_interface, {
-                    **branch_details, "run": str(run.path.resolve()),
-                    "adapter": run.config.adapter, "weights_sha256": run.config.weights_sha256,
-                    "trunk": trunk_file,
-                    "first_adapted_block": job.references[run.name].first_adapted_block()})
-                publish(staging, out, record, [branch_file])
+            record, report = _export_branch(
+                fmt, run, job.references[run.name], job.trunk.block, trunk_graph,
+                sample_features, trunk_file, job.config, job.seed, out, job.log)
+            if record is None:
+                failures.append(report)
+                continue
             manifest.exports[run.record_name(fmt)] = record
             passed.append(run.name)
-            job.log(f"{run.name}: {fmt} passed parity through the trunk ({report.summary()})")
         check = {"kind": "shared-trunk", "passed": bool(passed), "verified_through": passed}
         if not passed:
             keep_aside(trunk_staging, out, check, trunk_file)
@@ -213,14 +256,36 @@ def _export_engine(job: _SharedExport, fmt: str, manifest: Manifest) -> list[Par
     return failures
 
 
-def _branch_parity(job: _SharedExport, run: SharedRun, engine: _Engine, trunk: Callable,
-                   branch: Callable) -> ParityReport:
-    """The branch fed the trunk graph's output, against the run's own PyTorch model."""
-    reference = job.references[run.name]
-    cases = parity_inputs(run.config, reference.backbone.preprocessor,
-                          parity_batches(job.config), job.seed)
-    return run_parity(engine.backend, "fp32", reference,
-                      lambda pixels: branch(trunk(pixels)[TRUNK_OUTPUT]), cases)
+def _export_branch(fmt: str, run: SharedRun, reference: nn.Module, block: int,
+                   trunk_graph: Callable, sample_features: torch.Tensor, trunk_file: str,
+                   config: ExportConfig, seed: int, out: Path, log: Callable[[str], None],
+                   ) -> tuple[ExportRecord | None, ParityReport]:
+    """Build `run`'s branch in format `fmt` from the trunk's output at `block`, check it fed
+    `trunk_graph`'s output against `reference` (the run's own PyTorch model) and publish it
+    in `out`: (its record, the report); (None, the report) when it failed, kept aside."""
+    engine = ENGINES[fmt]
+    branch_file = f"branch-{run.name}{engine.suffix}"
+    branch = as_branch(load_model(run.path)[0], block)
+    with staging_dir(out) as staging:
+        interface, details = engine.build(branch, staging / branch_file, sample_features,
+                                          (TRUNK_OUTPUT, OUTPUT_NAMES), config, log)
+        graph = engine.load(staging / branch_file, OUTPUT_NAMES)
+        cases = parity_inputs(run.config, reference.backbone.preprocessor,
+                              parity_batches(config), seed)
+        report = run_parity(engine.backend, "fp32", reference,
+                            lambda pixels: graph(trunk_graph(pixels)[TRUNK_OUTPUT]), cases)
+        if not report.passed:
+            log(f"{run.name}: {fmt} failed parity through the trunk ({report.summary()}); "
+                f"kept aside as {branch_file}.failed")
+            keep_aside(staging, out, report.to_dict(), branch_file)
+            return None, report
+        record = _record(engine, config, report.to_dict(), interface, {
+            **details, "run": str(run.path.resolve()), "adapter": run.config.adapter,
+            "weights_sha256": run.config.weights_sha256, "trunk": trunk_file,
+            "first_adapted_block": reference.first_adapted_block()})
+        publish(staging, out, record, [branch_file])
+    log(f"{run.name}: {fmt} passed parity through the trunk ({report.summary()})")
+    return record, report
 
 
 def _record(engine: _Engine, config: ExportConfig, check: dict, interface: dict,

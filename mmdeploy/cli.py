@@ -522,7 +522,17 @@ def info(run_path, as_json) -> None:
 
 
 @cli.command()
-@click.argument("run_path", type=click.Path(path_type=Path))
+@click.argument("run_paths", nargs=-1, type=click.Path(path_type=Path), metavar="RUN")
+@click.option("--shared", "shared_dir", type=click.Path(path_type=Path), default=None,
+              help="Serve the runs of a shared export (`export --shared RUN1 RUN2 ... --out "
+                   "DIR`) through its one trunk; a request names its adapter. No RUN then.")
+@click.option("--runs", "shared_runs", default=None,
+              help="With --shared: the runs to serve at start, comma-separated names of DIR's "
+                   "branches (the first is the default). Default: all of them.")
+@click.option("--allow-add", is_flag=True,
+              help="With --shared: let clients add a run on this machine to the live server "
+                   "(POST /adapters {\"run\": PATH}); its branch is exported into DIR "
+                   "against the trunk and verified through it first.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: the fastest one present, and it says why.")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -550,7 +560,8 @@ def info(run_path, as_json) -> None:
               help="With --engine ray: replicas, each with its own predictor (default 1).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=None,
               help="With --engine ray: how long a replica waits for more requests to predict "
-                   "in one batch (default 10).")
+                   "in one batch (default 10). With --shared: how long a request waits for "
+                   "others to share its trunk pass (default 2).")
 @click.option("--ray-address", default=None,
               help="With --engine ray: join this Ray cluster. Default: $RAY_ADDRESS, else a "
                    "local Ray started for the app and stopped with it.")
@@ -560,9 +571,9 @@ def info(run_path, as_json) -> None:
 @click.option("--show-paths", is_flag=True,
               help="Show clients the run's and the backbone's server paths (in /health, "
                    "/info and the Run tab); by default only their folder names.")
-def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
-          max_file_mb, precision, engine, replicas, batch_wait_ms, ray_address,
-          grace_seconds, show_paths) -> None:
+def serve(run_paths, shared_dir, shared_runs, allow_add, backend, host, port, concurrency,
+          max_queue, max_images, max_file_mb, precision, engine, replicas, batch_wait_ms,
+          ray_address, grace_seconds, show_paths) -> None:
     """Serve a run in a Gradio app (upload images, top-k classes, backend and latency) with
     GET /health, or with --engine ray as an HTTP API on Ray Serve; stops cleanly on Ctrl+C
     or SIGTERM.
@@ -572,8 +583,25 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
       mmdeploy serve runs/hmmoe-demo --port 7860
       mmdeploy serve runs/hmmoe-demo --engine ray --replicas 2 --port 8000
       curl -F files=@cat.jpg -F files=@dog.png http://127.0.0.1:8000/predict
+      mmdeploy serve --shared shared/ --allow-add   # many adapters, one trunk
+      curl -F files=@cat.jpg -F adapter=ganet-demo http://127.0.0.1:7860/predict
+
+    Several runs on one backbone are served through one trunk: export them together
+    (`mmdeploy export --shared RUN1 RUN2 ... --out DIR`), then `serve --shared DIR`.
     """
     import importlib.util
+
+    if shared_dir is not None:
+        if run_paths or engine == "ray" or precision == "int8":
+            raise ConfigError("serve --shared DIR takes no RUN and serves FP32 trunk and "
+                              "branches with --engine gradio")
+    elif shared_runs is not None or allow_add:
+        raise ConfigError("--runs and --allow-add need --shared DIR")
+    elif len(run_paths) != 1:
+        raise ConfigError("serve takes one RUN; to serve several runs of one backbone, export "
+                          "them as one trunk (`mmdeploy export --shared RUN1 RUN2 ... --out "
+                          "DIR`) and serve --shared DIR")
+    run_path = run_paths[0] if run_paths else None
 
     if engine == "ray":
         from .inference.ray_cluster import require_ray
@@ -595,8 +623,10 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
                          f"{'s' * (config.replicas != 1)}) at {url} (Ctrl+C to stop)"))
         click.echo("stopped")
         return
-    if replicas is not None or batch_wait_ms is not None or ray_address is not None:
-        raise ConfigError("--replicas, --batch-wait-ms and --ray-address need --engine ray")
+    if replicas is not None or ray_address is not None or (
+            batch_wait_ms is not None and shared_dir is None):
+        raise ConfigError("--replicas and --ray-address need --engine ray, --batch-wait-ms "
+                          "--engine ray or --shared")
 
     if importlib.util.find_spec("gradio") is None:  # the `ui` extra
         raise ConfigError("serve needs gradio: pip install 'mm-peft-deploy[ui]'")
@@ -606,15 +636,46 @@ def serve(run_path, backend, host, port, concurrency, max_queue, max_images,
 
     listener = bind(host, port)  # a busy port fails before the model loads
     limits = ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20)
-    classifier = Classifier(run_path, backend, limits, precision)
-    for reason in classifier.skipped:
-        click.echo(f"not using {reason}", err=True)
     config = server.ServeConfig(host=host, port=port, concurrency=concurrency,
                                 max_queue=max_queue, limits=limits,
                                 graceful_seconds=grace_seconds, show_paths=show_paths)
+    if shared_dir is not None:
+        _serve_shared(shared_dir, shared_runs, allow_add, backend, config, listener,
+                      2.0 if batch_wait_ms is None else batch_wait_ms)
+        return
+    classifier = Classifier(run_path, backend, limits, precision)
+    for reason in classifier.skipped:
+        click.echo(f"not using {reason}", err=True)
     server.serve(classifier, config, listener, on_ready=lambda url: click.echo(
         f"serving {run_path} ({classifier.details['adapter']}, {classifier.backend}, precision "
         f"{classifier.precision}) at {url} (Ctrl+C to stop)"))
+    click.echo("stopped")
+
+
+def _serve_shared(shared_dir, runs, allow_add, backend, config, listener, wait_ms) -> None:
+    """`serve --shared DIR`: the adapters of DIR through one trunk (apps.shared_server)."""
+    from .apps import server
+    from .apps.adapters import AdapterService
+    from .apps.shared_server import build_shared_app
+    from .runtime.shared import SharedPredictor
+
+    add_run = None
+    if allow_add:
+        from .exporters.shared import add_to_shared
+
+        def add_run(path: Path) -> str:
+            return add_to_shared(shared_dir, path, log=lambda line: click.echo(line, err=True))
+
+    names = None if runs is None else [name.strip() for name in runs.split(",")]
+    service = AdapterService(SharedPredictor(shared_dir, backend, names), config.limits,
+                             config.concurrency, add_run, wait_ms)
+    try:
+        server.serve_app(lambda examples: build_shared_app(service, config, examples), config,
+                         listener, on_ready=lambda url: click.echo(
+                             f"serving {shared_dir} ({', '.join(service.adapters)}; "
+                             f"{service.backend}) at {url} (Ctrl+C to stop)"))
+    finally:
+        service.close()
     click.echo("stopped")
 
 

@@ -157,6 +157,17 @@ def ganet_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_dir(tiny_run, ganet_run, tmp_path_factory) -> Path:
+    """tiny_run (HMMoE) and ganet_run exported as one trunk and two branches (`export
+    --shared`), batch 1..2. Read-only: copy it before adding a branch."""
+    out = tmp_path_factory.mktemp("shared") / "export"
+    result = run_cli(["export", "--shared", tiny_run, ganet_run, "--out", out,
+                      "--batch-range", "1,2,2"])
+    assert result.code == 0, str(result)
+    return out
+
+
+@pytest.fixture(scope="session")
 def aoti_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of the session run exported again to ONNX at batch 1..64, then to an
     AOTInductor package at 1..8 beside it (compiled once per session: about 15-30 s on 2

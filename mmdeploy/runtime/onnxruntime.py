@@ -96,10 +96,12 @@ def _provider_options(name: str, profile: tuple[tuple[int, ...], ...] | None) ->
 
 
 def create_session(path: Path, threads: int | None = None,
-                   profile: tuple[tuple[int, ...], ...] | None = None):
+                   profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True):
     """An InferenceSession on the best provider present (TensorRT, CUDA, else CPU).
 
-    `profile` is the (min, opt, max) input shape, for the TensorRT provider.
+    `profile` is the (min, opt, max) input shape, for the TensorRT provider. `arena=False`:
+    no CPU memory arena, so memory freed after a call goes back to the heap for the next
+    session instead of staying in this session's arena (see `runtime.shared`).
     """
     with onnxruntime_required():
         import onnxruntime
@@ -108,6 +110,7 @@ def create_session(path: Path, threads: int | None = None,
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     providers = [(name, _provider_options(name, profile)) for name in choice.providers]
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=providers)
@@ -126,8 +129,8 @@ class OnnxSession:
     """
 
     def __init__(self, path: Path, threads: int | None = None,
-                 profile: tuple[tuple[int, ...], ...] | None = None):
-        self.session = create_session(path, threads, profile)
+                 profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True):
+        self.session = create_session(path, threads, profile, arena)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]

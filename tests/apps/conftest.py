@@ -36,14 +36,16 @@ class Server:
 
 
 def start_server(run: Path, folder: Path, max_file_mb: int = 16, *args: str,
-                 env: dict[str, str] | None = None) -> Server:
-    """`mmdeploy serve RUN --port 0 --max-file-mb N ARGS` (with `env` added to the
-    environment), returned once it has printed the URL it serves."""
+                 env: dict[str, str] | None = None, shared: bool = False) -> Server:
+    """`mmdeploy serve RUN --port 0 --max-file-mb N ARGS` (`serve --shared RUN ...` when
+    `shared`: RUN is a shared export; with `env` added to the environment), returned once
+    it has printed the URL it serves."""
     folder.mkdir(parents=True, exist_ok=True)
     stdout, stderr = folder / "stdout.txt", folder / "stderr.txt"
     with stdout.open("w") as out, stderr.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mmdeploy", "serve", str(run), "--port", "0",
+            [sys.executable, "-m", "mmdeploy", "serve", *["--shared"] * shared, str(run),
+             "--port", "0",
              "--max-file-mb", str(max_file_mb), *args], stdout=out, stderr=err,
             env={**os.environ, **(env or {})})
     deadline = time.monotonic() + STARTUP_SECONDS

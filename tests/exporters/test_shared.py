@@ -10,6 +10,7 @@ import torch
 
 from mmdeploy.artifacts import Manifest
 from mmdeploy.backbone import torch_device
+from mmdeploy.errors import ConfigError
 from mmdeploy.exporters import shared
 
 STEPS = 5
@@ -85,6 +86,15 @@ def test_a_failing_branch_is_kept_aside(cli, runs, tmp_path, monkeypatch):
     assert (out / "branch-probe.onnx.failed").is_file()
     assert not json.loads((out / "branch-probe.onnx.failed.json").read_text())["passed"]
     assert not (out / "branch-probe.onnx").exists()
+    # A run added later (a live server's POST /adapters): refused when it adapts a block
+    # this pooled trunk runs frozen; else verified through the trunk and recorded.
+    with pytest.raises(ConfigError, match="hmmoe adapts block 2, before this trunk's cut "
+                                          "at block 4"):
+        shared.add_to_shared(out, runs["hmmoe"], log=lambda line: None)
+    assert shared.add_to_shared(out, runs["ganet"], log=lambda line: None) == "ganet"
+    record = Manifest.load(out / "manifest.json").exports["onnx:branch:ganet"]
+    assert record.passed and record.check["worst"]["max_abs"] <= 1e-4
+    assert record.details["trunk"] == "trunk.onnx" and (out / "branch-ganet.onnx").is_file()
 
 
 def test_an_earlier_export_stays_when_no_branch_passes(cli, runs, tmp_path, monkeypatch,

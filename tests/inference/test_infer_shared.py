@@ -17,17 +17,6 @@ from mmdeploy.runtime.shared import SharedPredictor
 
 
 @pytest.fixture(scope="module")
-def shared_dir(cli, tiny_run, ganet_run, tmp_path_factory) -> Path:
-    """tiny_run (HMMoE) and ganet_run exported as one trunk and two branches, batch 1..2.
-    Read-only."""
-    out = tmp_path_factory.mktemp("shared") / "export"
-    result = cli(["export", "--shared", tiny_run, ganet_run, "--out", out,
-                  "--batch-range", "1,2,2"])
-    assert result.code == 0, str(result)
-    return out
-
-
-@pytest.fixture(scope="module")
 def inputs(image_dir, tmp_path_factory) -> Path:
     """Six real images and one file that is not an image."""
     folder = tmp_path_factory.mktemp("shared-inputs")

@@ -39,7 +39,7 @@ def test_ray_options_need_the_ray_engine(cli, expect_error, tiny_run, image_dir,
     expect_error(cli(["infer", tiny_run, image_dir, "-o", out, "--actors", "2"]),
                  "--actors and --ray-address need --engine ray")
     expect_error(cli(["serve", tiny_run, "--replicas", "2"]),
-                 "--replicas, --batch-wait-ms and --ray-address need --engine ray")
+                 "--replicas and --ray-address need --engine ray")
 
 
 @needs_ray
