@@ -10,9 +10,9 @@ measured with the accuracy gate's own figures (`exporters/gate.py`: the FP32 PyT
 model's labels on the run's validation split plus parity's held-out images):
 - without the fallback (only the always-FP32 nodes excluded): top-1 agreement, accuracy
   drop, logit cosine, whether its graph is TensorRT-ready (`qdq.check_symmetric`);
-- for the methods in `--fallback` (default: the ones that fail the gate without it), once
-  more with the gate's fallback (`quantize_gated`), with the share of the MatMul work it
-  left FP32.
+- for the methods in `--fallback` and the `--fallback-best` failing ones with the highest
+  agreement, once more with the gate's fallback (`quantize_gated`), with the share of the
+  MatMul work it left FP32.
 Calibration and smoothing use `--calib` training images drawn with `--calib-seed`.
 
 Then ONNX Runtime FP32 and every INT8 graph are timed at each `--batch` on random pixels
@@ -188,9 +188,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--fallback", default=None,
-                        help="methods also measured with the gate's fallback (default: the "
-                             "ones that fail the gate without it)")
+    parser.add_argument("--fallback", default="",
+                        help="methods also measured with the gate's fallback (comma-separated)")
+    parser.add_argument("--fallback-best", type=int, default=1,
+                        help="also the N methods that failed the gate with the highest "
+                             "agreement (the fallback is slow: minutes a step at this size)")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
@@ -225,9 +227,11 @@ def main(argv=None) -> None:
             # `all_work` counts 2 FLOPs per multiply-add, `Quantizer.work` multiply-adds
             built.append(build_variant(name, source, workdir, data, reader, run_dir, False,
                                        all_work / 2, lambda: reader.pixels))
-        wanted = (args.fallback.split(",") if args.fallback is not None
-                  else [v.name for v, _ in built if not v.gate["passed"]])
-        for name in (n for n in wanted if n):
+        failed = sorted((v for v, _ in built if not v.gate["passed"]),
+                        key=lambda v: -v.gate["agreement"])
+        wanted = [n for n in args.fallback.split(",") if n]
+        wanted += [v.name for v in failed[:args.fallback_best] if v.name not in wanted]
+        for name in wanted:
             built.append(build_variant(name, source, workdir, data, reader, run_dir, True,
                                        all_work / 2, lambda: reader.pixels))
         height, width = preprocessor.image_size
