@@ -15,9 +15,10 @@ model's labels on the run's validation split plus parity's held-out images):
   MatMul work it left FP32.
 Calibration and smoothing use `--calib` training images drawn with `--calib-seed`.
 
-Then ONNX Runtime FP32 and every INT8 graph are timed at each `--batch` on random pixels
-(`mmdeploy.runtime.timing.measure`: `--warmup` calls, median of `--iters`), batch by batch
-with every session loaded, under the timing lock (/tmp/mmdeploy-timing.lock, taken here).
+Then ONNX Runtime FP32 and every INT8 graph are timed at each `--batch` on random pixels,
+round-robin (`--warmup` rounds, then the median of `--iters` rounds, each calling every
+session once: load changes on shared cores fall on all sessions alike), under the timing
+lock (/tmp/mmdeploy-timing.lock, taken here).
 The share of MatMul work left FP32 is given two ways: of the quantizable MatMuls (what the
 fallback moved back), and of all MatMul/Gemm work of the graph (with the nodes kept FP32
 from the start: normalisation-adjacent router scores, the cosine head, attention's
@@ -50,7 +51,6 @@ from mmdeploy.exporters.gate import measure as gate_measure
 from mmdeploy.runs import load_model, load_run_config
 from mmdeploy.runtime.onnxruntime import OnnxSession
 from mmdeploy.runtime.records import verified_record
-from mmdeploy.runtime.timing import Runner, measure
 
 TIMING_LOCK = "/tmp/mmdeploy-timing.lock"
 # name -> (method, options, calibration method): today's methods first, then the new ones.
@@ -162,24 +162,41 @@ def timing_lock():
 
 def time_all(source: Path, variants: list[tuple[Variant, Path]], batches: list[int],
              image_size: tuple[int, int], warmup: int, iters: int) -> dict[str, dict]:
-    """Median ms of FP32 ORT and each INT8 graph per batch; INT8 rows get x FP32."""
-    fp32 = Runner("onnxruntime", "cpu", "fp32", OnnxSession(source))
-    runners = [(v, Runner(v.name, "cpu", "int8", OnnxSession(p))) for v, p in variants]
+    """Median ms of FP32 ORT and each INT8 graph per batch; INT8 rows get x FP32.
+
+    Round-robin: each of the `iters` rounds calls every session once, FP32 first, so a
+    change in the machine's load during the run (other work on shared cores) falls on
+    every session alike instead of on whichever was timed then."""
+    sessions = [("onnxruntime fp32", OnnxSession(source))]
+    sessions += [(v.name + (" + fallback" if v.fallback else ""), OnnxSession(p))
+                 for v, p in variants]
     fp32_rows = {}
     rng = np.random.default_rng(0)
     with timing_lock():
         log("timing lock taken")
         for batch in batches:
             pixels = rng.standard_normal((batch, 3, *image_size), dtype=np.float32)
-            base = measure(fp32, pixels, warmup, iters)
-            fp32_rows[str(batch)] = asdict(base)
-            log(f"batch {batch}: onnxruntime fp32 {base.median_ms:.1f} ms")
-            for variant, runner in runners:
-                timing = measure(runner, pixels, warmup, iters)
-                variant.timings[str(batch)] = asdict(timing) | {
-                    "speedup_vs_onnxruntime_fp32": round(base.median_ms / timing.median_ms, 3)}
-                log(f"batch {batch}: {variant.name}{' + fallback' if variant.fallback else ''}"
-                    f" {timing.median_ms:.1f} ms ({base.median_ms / timing.median_ms:.2f}x)")
+            for _ in range(warmup):
+                for _, session in sessions:
+                    session(pixels)
+            times: list[list[float]] = [[] for _ in sessions]
+            for _ in range(iters):
+                for index, (_, session) in enumerate(sessions):
+                    started = time.perf_counter()
+                    session(pixels)
+                    times[index].append((time.perf_counter() - started) * 1e3)
+            medians = [float(np.median(t)) for t in times]
+            fp32_rows[str(batch)] = {"median_ms": round(medians[0], 2),
+                                     "p90_ms": round(float(np.percentile(times[0], 90)), 2)}
+            log(f"batch {batch}: onnxruntime fp32 {medians[0]:.1f} ms")
+            for (variant, _), (label, _), median, row in zip(variants, sessions[1:],
+                                                              medians[1:], times[1:],
+                                                              strict=True):
+                variant.timings[str(batch)] = {
+                    "median_ms": round(median, 2),
+                    "p90_ms": round(float(np.percentile(row, 90)), 2),
+                    "speedup_vs_onnxruntime_fp32": round(medians[0] / median, 3)}
+                log(f"batch {batch}: {label} {median:.1f} ms ({medians[0] / median:.2f}x)")
     return fp32_rows
 
 
