@@ -49,7 +49,7 @@ from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 from .calibration import PixelReader, calibration_reader
 from .formats import FORMATS, ExportJob, plan_export
 from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
-from .int8 import Quantizer, quantize_gated
+from .int8 import Int8Options, Quantizer, quantize_gated
 from .parity import parity_batches, parity_inputs, run_parity
 from .triton import write_repository
 
@@ -78,7 +78,8 @@ def export_run(run_path: str | Path, config: ExportConfig,
         reference, _ = load_model(run_dir.root)
         preprocessor = reference.backbone.preprocessor
         calibration = None
-        if plan.int8 and config.int8 == "static":  # a calibration that cannot work fails first
+        # a calibration that cannot work fails first
+        if plan.int8 and (config.int8 == "static" or config.smooth is not None):
             calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
         if plan.formats:
             _export_formats(plan.formats, run_dir, run, config, reference, manifest, device, log)
@@ -162,8 +163,11 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
 
     with staging_dir(export_dir) as staging:
         with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
+            options = Int8Options(per_channel=config.int8_per_channel,
+                                  smooth_alpha=config.smooth, symmetric=config.int8_symmetric,
+                                  fallback_order=config.fallback_order)
             quantizer = Quantizer(export_dir / ONNX_FILE, config.int8, Path(work), calibration,
-                                  config.calib_method)
+                                  config.calib_method, options, run_dir.weights_path)
             result = quantize_gated(quantizer, gate, probe, log)
             os.replace(result.path, staging / INT8_FILE)
         if not result.report.passed:

@@ -189,6 +189,22 @@ def options(adapter) -> None:
               help="--int8 static: training images to calibrate on (all if the split has fewer).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]),
               default="minmax", show_default=True, help="--int8 static: how ranges are set.")
+@click.option("--calib-seed", type=int, default=0, show_default=True,
+              help="--int8: seed of the draw of calibration (and smoothing) images.")
+@click.option("--int8-weights", type=click.Choice(["per-tensor", "per-channel"]), default=None,
+              help="--int8: one weight scale per tensor or per output channel (default: "
+                   "per-channel for static, per-tensor for dynamic).")
+@click.option("--smooth", type=click.FloatRange(0, 1), default=None, metavar="ALPHA",
+              help="--int8: SmoothQuant-style smoothing with migration strength ALPHA (0.5 "
+                   "is the paper's), measured on --calib training images; exact in FP32.")
+@click.option("--int8-symmetric", is_flag=True,
+              help="--int8 static: signed INT8 activations, zero points 0: the QDQ graph "
+                   "TensorRT reads (slower than the default on ONNX Runtime's CPU kernels).")
+@click.option("--fallback-order", type=click.Choice(["structural", "measured"]),
+              default="structural", show_default=True,
+              help="--int8: which MatMuls the gate's fallback moves back to FP32 first: the "
+                   "adapter's, the first and last blocks, then by measured sensitivity; or by "
+                   "measured sensitivity only.")
 @click.option("--gate-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="INT8 gate: least top-1 agreement with the FP32 model.")
 @click.option("--gate-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
@@ -196,8 +212,8 @@ def options(adapter) -> None:
 @click.option("--serve-int8", is_flag=True,
               help="With --int8: infer and serve use the INT8 graph unless --precision fp32.")
 def export(run_path, shared, shared_runs, adapter, formats, batch_range, target, fp16,
-           triton_out, int8, calib, calib_method, gate_agreement, gate_drop,
-           serve_int8) -> None:
+           triton_out, int8, calib, calib_method, calib_seed, int8_weights, smooth,
+           int8_symmetric, fallback_order, gate_agreement, gate_drop, serve_int8) -> None:
     """Merge, freeze and compile a run; publish only what passes parity.
 
     \b
@@ -208,6 +224,7 @@ def export(run_path, shared, shared_runs, adapter, formats, batch_range, target,
       mmdeploy export --run runs/hmmoe-demo --format tensorrt --fp16   # on a GPU machine
       mmdeploy export --run runs/hmmoe-demo --format triton --out model_repository
       mmdeploy export --run runs/hmmoe-demo --int8 static --calib 64   # INT8, gated
+      mmdeploy export --run runs/hmmoe-demo --int8 dynamic --int8-weights per-channel --smooth 0.5
       mmdeploy export --shared runs/hmmoe-demo runs/ganet-demo --out shared/   # one trunk
     """
     from .artifacts import RunDir
@@ -233,7 +250,11 @@ def export(run_path, shared, shared_runs, adapter, formats, batch_range, target,
         requested = ()  # quantize the run's verified model.onnx
     config = ExportConfig(formats=requested, batch_min=low, batch_opt=opt, batch_max=high,
                           target=target, fp16=fp16, int8=int8, calib=calib,
-                          calib_method=calib_method, gate_agreement=gate_agreement,
+                          calib_method=calib_method, calib_seed=calib_seed,
+                          int8_per_channel=None if int8_weights is None
+                          else int8_weights == "per-channel", smooth=smooth,
+                          int8_symmetric=int8_symmetric, fallback_order=fallback_order,
+                          gate_agreement=gate_agreement,
                           gate_drop=gate_drop, serve_int8=serve_int8,
                           triton_out=None if triton_out is None else str(triton_out))
     manifest = export_run(run_path, config, log=click.echo)

@@ -147,6 +147,10 @@ class ExportConfig(ConfigBase):
     calib: int = 64  # training images to calibrate static ranges on (fewer if the split is)
     calib_method: str = "minmax"  # minmax, entropy or percentile
     calib_seed: int = 0
+    int8_per_channel: bool | None = None  # None: static per channel, dynamic per tensor
+    smooth: float | None = None  # SmoothQuant alpha (0..1); None: no smoothing
+    int8_symmetric: bool = False  # static: S8 activations, zero points 0 (TensorRT's QDQ)
+    fallback_order: str = "structural"  # or "measured" (exporters/int8.py)
     gate_agreement: float = 0.99  # least top-1 agreement with the FP32 model
     gate_drop: float = 1.0  # most accuracy lost on the validation split, in points
     serve_int8: bool = False  # infer and serve use the INT8 graph unless told --precision fp32
@@ -155,6 +159,14 @@ class ExportConfig(ConfigBase):
         """Refuse INT8 settings that cannot work, before anything is loaded."""
         if self.int8 not in (None, "dynamic", "static"):
             raise ConfigError(f"--int8 {self.int8}: choose dynamic or static")
+        if self.int8_symmetric and self.int8 != "static":
+            raise ConfigError("--int8-symmetric quantizes activations from calibrated ranges: "
+                              "use it with --int8 static")
+        if self.smooth is not None and not 0 <= self.smooth <= 1:
+            raise ConfigError(f"--smooth {self.smooth}: alpha must be between 0 and 1")
+        if self.smooth is not None and self.calib < 1:
+            raise ConfigError(f"--calib {self.calib}: smoothing measures activations on at "
+                              "least one training image")
         if self.int8 == "static" and self.calib < 1:
             raise ConfigError(f"--calib {self.calib}: static INT8 calibrates on at least one "
                               "training image (or use --int8 dynamic)")

@@ -3,8 +3,10 @@
 Each export is made once per module on a copy of the session's run. On the tiny demo runs
 (near-chance accuracy, so many answers are near-ties) the outcome of the gate is a
 measurement; the cases below were measured: HMMoE passes with either method, GA-Net
-dynamic passes once the fallback has moved 44% of its MatMul work back to FP32, and GA-Net
-static, held to the strictest bounds the command line takes, fails.
+dynamic passes once the fallback, in its measured order, has moved 44% of its MatMul work
+back to FP32 (in the default structural order it stops at 98.65%: this near-chance run's
+errors are not in its first and last blocks), and GA-Net static, held to the strictest
+bounds the command line takes, fails.
 """
 
 import json
@@ -19,6 +21,7 @@ from mmdeploy.apps.service import Classifier
 from mmdeploy.exporters.int8 import fp32_from_start
 
 PASSING = [("hmmoe", "dynamic"), ("hmmoe", "static"), ("ganet", "dynamic")]
+OPTIONS = {("ganet", "dynamic"): ("--fallback-order", "measured")}
 # Every answer must be FP32's and no accuracy may be lost: GA-Net static INT8 measured 96.4%
 # agreement with the fallback at its limit (half the MatMul work in FP32), 8 images short.
 STRICTEST = ("--gate-agreement", "1", "--gate-drop", "0")
@@ -60,7 +63,7 @@ def assert_fp32_graph_kept(manifest: dict) -> None:
 
 @pytest.mark.parametrize(("adapter", "method"), PASSING)
 def test_int8_export_that_passes_the_gate_is_published(int8_export, adapter, method):
-    run, result = int8_export(adapter, method)
+    run, result = int8_export(adapter, method, *OPTIONS.get((adapter, method), ()))
     assert result.code == 0, str(result)
     manifest = manifest_of(run)
     assert_fp32_graph_kept(manifest)
@@ -73,6 +76,10 @@ def test_int8_export_that_passes_the_gate_is_published(int8_export, adapter, met
     assert gate["accuracy_drop_points"] <= gate["bounds"]["max_drop_points"] == 1.0
     assert gate["images"] > gate["labelled"] == 200  # validation split + real held-out
     assert list(record["files"]) == ["model.int8.onnx"] and details["method"] == method
+    # ORT's integer ops (dynamic) or U8 activations (static): not TensorRT's QDQ graph
+    assert details["tensorrt_ready"] is False and details["tensorrt_refusal"]
+    assert details["options"]["fallback_order"] == OPTIONS.get(
+        (adapter, method), ("", "structural"))[1]
     assert not (run / "export" / "model.int8.onnx.failed").exists()
     if method == "static":  # the whole 4-shot training split (40 < 64)
         assert details["calibration"] == {"images": 40, "method": "minmax", "seed": 0,
