@@ -249,13 +249,14 @@ def make_vqa_splits(
 ) -> Splits:
     """Questions split by image, so that no image is in two splits.
 
-    Images are taken in a seeded order (keyed by `seed` and the image's name); an image goes
-    to test (only when `data` has no test split of its own; else its test split is the test
-    set, whole) when some answer of its questions still needs test questions, then likewise
-    to validation; only the questions whose answer still needs one are kept there, so each
-    answer has `test_per_answer` and `val_per_answer` questions (or the data is refused). Every question of the remaining images is in the training
-    pool, of which `shots` questions per answer are taken (0 = all), in a seeded order, so
-    the 4-shot set is a subset of the 16-shot set.
+    Images are taken in a seeded order (keyed by `seed` and the image's name). An image goes
+    to test (only when `data` has no test split of its own; else that split is the test set,
+    whole) when some answer of its questions still needs test questions, then likewise to
+    validation: there only the questions whose answer still needs one are kept (its others
+    are in no split), so each answer has `test_per_answer` and `val_per_answer` questions, or
+    the data is refused. Every question of the other images is in the training pool, of
+    which `shots` questions per answer are taken (0 = all) in a seeded order, so the 4-shot
+    set is a subset of the 16-shot set.
     """
     for option, value in (("shots", shots), ("val_per_class", val_per_answer),
                           ("test_per_class", test_per_answer)):

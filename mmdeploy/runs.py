@@ -51,6 +51,14 @@ class RunConfig(ConfigBase):
         if self.task not in TASKS:
             raise ConfigError(f"task {self.task!r}: must be one of {', '.join(TASKS)}")
 
+    def require_classification(self, stage: str) -> None:
+        """Refuse a vqa run in a stage that serves images alone (export and serving of image +
+        question runs are not built yet)."""
+        if self.task != "classification":
+            raise ConfigError(f"{stage}: this is a {self.task} run (image + question -> "
+                              "answer); its export and serving are not built yet, only "
+                              "training is")
+
     def typed_adapter_config(self) -> ConfigBase:
         return adapter_class(self.adapter, self.task).config_class.from_dict(self.adapter_config)
 

@@ -58,7 +58,8 @@ class VqaModel(AdaptedModel):
         if self.deployed or self.text_loras is not None:
             return self.backbone.encode_text(tokens)
         real = attention_mask.bool()
-        keys = [tuple(row[keep].tolist()) for row, keep in zip(input_ids, real, strict=True)]
+        keys = [tuple(i for i, keep in zip(row, kept, strict=True) if keep)
+                for row, kept in zip(input_ids.tolist(), real.tolist(), strict=True)]
         missing = {key: row for row, key in enumerate(keys) if key not in self._question_cache}
         if missing:
             rows = torch.tensor(list(missing.values()), device=input_ids.device)

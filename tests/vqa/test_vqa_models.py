@@ -81,7 +81,7 @@ def test_the_question_cache_gives_what_the_text_tower_gives(vqa_backbone, vqa_ma
     torch.testing.assert_close(cached, tower, rtol=1e-4, atol=1e-5)
 
 
-def _fit(model, split, steps=10, lr=1e-2):
+def _fit(model, split, steps=8, lr=1e-2):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     batch = split.batch(torch.arange(len(split)))
@@ -121,7 +121,7 @@ def _train(tmp_path, manifest, adapter, **train_options):
     run = RunConfig(adapter=adapter, adapter_config=OPTIONS.get(adapter, {}),
                     backbone=backbone_config, backbone_identity=backbone.identity, data=data,
                     class_names=splits.class_names, task=splits.task,
-                    train=TrainConfig(**{"epochs": 2, "batch_size": 8, "seed": 1,
+                    train=TrainConfig(**{"epochs": 1, "batch_size": 8, "seed": 1,
                                          **train_options}))
     run_dir = RunDir(tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
     run_dir.prepare_new(overwrite=False)
@@ -149,6 +149,10 @@ def test_train_cli_records_the_vqa_task(cli, tmp_path, vqa_manifest):
     assert config["task"] == "vqa" and config["adapter"] == "product-fusion"
     assert config["class_names"] == sorted(["red", "green", "blue", "circle", "square",
                                             "yes", "no"])
+    export = cli(["export", "--run", out])
+    assert export.code == 1 and export.error_lines() == [
+        "error: export: this is a vqa run (image + question -> answer); its export and "
+        "serving are not built yet, only training is"]
     refused = cli(["train", "--adapter", "zero-shot", "--data", vqa_manifest, "--out",
                    tmp_path / "zs"])
     assert refused.code == 1 and refused.error_lines() == [
