@@ -161,3 +161,24 @@ def test_train_cli_records_the_vqa_task(cli, tmp_path, vqa_manifest):
     assert refused.code == 1 and refused.error_lines() == [
         "error: adapter 'zero-shot' has no vqa form; for vqa choose from ganet, hmmoe, "
         "image-only, late-fusion, late-fusion-mlp, lora, product-fusion, question-only"]
+
+
+@pytest.mark.parametrize("name", ["hmmoe", "ganet", "lora"])
+def test_the_deploy_form_answers_as_the_trained_model(vqa_backbone, vqa_manifest, name):
+    """The form the two-input export will take (text tower kept, no question cache, LoRA
+    merged, HMMoE's dense gates, GA-Net's frozen bank side) gives the same logits."""
+    torch.manual_seed(0)
+    splits = make_splits(load_labeled(str(vqa_manifest)), shots=2, val_per_class=1,
+                         test_per_class=1, seed=0)
+    backbone = vqa_backbone()
+    model = build(name, backbone, splits.class_names)
+    split = decode(splits.train, backbone, "decode")
+    if model.needs_bank:
+        loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
+    _fit(model, split, steps=3)
+    batch = split.batch(torch.arange(len(split)))
+    with torch.no_grad():
+        trained = loop.logits_of(model.eval(), batch)
+        deployed = loop.logits_of(model.to_deploy(), batch)
+    assert model.backbone.text is not None
+    torch.testing.assert_close(deployed, trained, rtol=1e-4, atol=1e-4)
