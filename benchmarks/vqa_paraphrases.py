@@ -3,10 +3,10 @@
     python benchmarks/vqa_paraphrases.py RUN [--images 100]
 
 Of the first `--images` images of easy-VQA's test split, those whose colour and shape the
-answers to their template questions give (not every image is asked both); 24 paraphrases written here (8 asking the
-colour, 8 the shape, 8 yes/no about a colour or a shape, half of them true) are asked of
-every image, and the run's accuracy on them is printed beside its accuracy on the same
-images' template questions. Writes nothing.
+answers to their template questions give (not every image is asked both) are each asked 24
+paraphrases written here (8 asking the colour, 8 the shape, 8 yes/no about a colour or a
+shape, half of them true); the run's accuracy on them is printed beside its accuracy on the
+same images' template questions. Writes nothing.
 """
 
 from __future__ import annotations
