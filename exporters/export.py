@@ -64,6 +64,7 @@ def export_run(run_path: str | Path, config: ExportConfig,
     derived from the verified ONNX graph; each published only once it passes its check."""
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
+    run.require_classification("export")
     manifest = _existing_manifest(run_dir)
     device = torch_device()
     plan = plan_export(config, manifest.record("onnx") is not None, device)

@@ -105,6 +105,8 @@ def shared_runs(run_paths: list[Path]) -> list[SharedRun]:
     if len(run_paths) < 2:
         raise ConfigError("--shared takes two or more runs (export a single run with --run)")
     runs = [SharedRun(Path(p).name, Path(p), load_run_config(RunDir(Path(p)))) for p in run_paths]
+    for run in runs:
+        run.config.require_classification(f"export --shared {run.path}")
     names = [run.name for run in runs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

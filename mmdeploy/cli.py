@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import ConfigError, MmdeployError
-from .registry import ADAPTERS
+from .registry import ADAPTERS, ALL_ADAPTERS, VQA_ADAPTERS
 from .runtime import BACKENDS
 from .runtime.records import SERVING_PRECISIONS
 
@@ -59,19 +59,28 @@ class _TrainCommand(click.Command):
             formatter.write_dl([
                 (name, describe_options(adapter_class(name).config_class).replace(",", ", "))
                 for name in sorted(ADAPTERS)])
+        with formatter.section("VQA-only adapters (--data easy-vqa or a question manifest)"):
+            formatter.write_dl([
+                (name, describe_options(adapter_class(name, "vqa").config_class)
+                 .replace(",", ", ") or "(no options)")
+                for name in sorted(set(VQA_ADAPTERS) - set(ADAPTERS))])
 
 
 @cli.command(cls=_TrainCommand)
-@click.option("--adapter", type=click.Choice(sorted(ADAPTERS)),
-              help="Adapter to train (baselines: linear-probe, lora, zero-shot); required "
-                   "unless --resume.")
+@click.option("--adapter", type=click.Choice(ALL_ADAPTERS),
+              help="Adapter to train (baselines: linear-probe, lora, zero-shot; for vqa also "
+                   "question-only, image-only, late-fusion, late-fusion-mlp, product-fusion); "
+                   "required unless --resume.")
 @click.option("--data", "source", default="demo", show_default=True,
-              help="`demo`, an image folder (one subfolder per class) or a CSV/JSONL manifest.")
+              help="`demo`, an image folder (one subfolder per class) or a CSV/JSONL manifest "
+                   "(`path,label`); for image + question -> answer: `easy-vqa` (the [vqa] "
+                   "extra) or a `path,question,answer` manifest.")
 @click.option("--backbone", default="tiny", show_default=True,
               help="`tiny`, a local CLIP checkpoint directory, or VISION_DIR,TEXT_DIR.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
 @click.option("--shots", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Training images per class; 0 = the whole training pool.")
+              help="Training images per class (vqa: questions per answer); 0 = the whole "
+                   "training pool.")
 @click.option("--val-per-class", type=click.IntRange(min=1), default=20, show_default=True,
               help="Validation images per class (model selection).")
 @click.option("--test-per-class", type=click.IntRange(min=1), default=50, show_default=True,
@@ -108,6 +117,7 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
           --shots 16 --epochs 10 --option rank=8 --option top_k=2
     """
     from .config import BackboneConfig, DataConfig, TrainConfig, parse_overrides
+    from .data import data_task
     from .registry import adapter_class
     from .trainers.run import existing_run, new_run, run_training
 
@@ -116,7 +126,8 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
     elif adapter is None:
         raise click.UsageError("Missing option '--adapter' (needed unless --resume).")
     else:
-        overrides = parse_overrides(adapter_class(adapter).config_class, options)
+        model_class = adapter_class(adapter, data_task(source))
+        overrides = parse_overrides(model_class.config_class, options)
         prepared = new_run(
             out, adapter, overrides, BackboneConfig(spec=backbone),
             DataConfig(source=source, shots=shots, val_per_class=val_per_class,
@@ -139,7 +150,7 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
 
 
 @cli.command()
-@click.argument("adapter", type=click.Choice(sorted(ADAPTERS)))
+@click.argument("adapter", type=click.Choice(ALL_ADAPTERS))
 def options(adapter) -> None:
     """List an adapter's options and their defaults (set them with `train --option`).
 
@@ -150,7 +161,8 @@ def options(adapter) -> None:
     from .config import describe_options
     from .registry import adapter_class
 
-    click.echo(describe_options(adapter_class(adapter).config_class).replace(" ", "\n"))
+    task = "classification" if adapter in ADAPTERS else "vqa"
+    click.echo(describe_options(adapter_class(adapter, task).config_class).replace(" ", "\n"))
 
 
 @cli.command()

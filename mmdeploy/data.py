@@ -1,5 +1,9 @@
-"""Labelled datasets (bundled demo set, image folders, CSV/JSONL manifests), few-shot splits
-and the list of inputs for batch inference.
+"""Labelled datasets (bundled demo set, image folders, CSV/JSONL manifests, easy-VQA),
+few-shot splits and the list of inputs for batch inference.
+
+The data chooses the task: `classification` (image -> class) for the demo set, an image
+folder or a `path,label` manifest; `vqa` (image + question -> answer) for `easy-vqa` (the
+`easy-vqa` package, extra `vqa`) or a `path,question,answer` manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from .images import load_image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".csv", ".jsonl")
 DEMO = "demo"
+EASY_VQA = "easy-vqa"
+TASKS = ("classification", "vqa")
 _DEMO_FILE = "animal_silhouettes.npz"
 
 
@@ -34,12 +40,18 @@ class Sample:
     image: str | np.ndarray = field(compare=False, repr=False)  # a path, or uint8 pixels
     label: int = -1  # -1 when unknown (inference inputs)
     caption: str | None = None
+    question: str | None = None  # vqa: the question asked of this image (`label`: the answer)
 
 
 @dataclass
 class LabeledSet:
+    """`class_names` are the answers of a vqa set; `test`, when the data comes with its own
+    test split (easy-VQA), is that split and `samples` are the training pool."""
+
     samples: list[Sample]
     class_names: list[str]
+    task: str = "classification"
+    test: list[Sample] | None = None
 
 
 @dataclass
@@ -48,6 +60,7 @@ class Splits:
     val: list[Sample]
     test: list[Sample]
     class_names: list[str]
+    task: str = "classification"
 
 
 def demo_path() -> pathlib.Path:
@@ -67,6 +80,8 @@ def load_labeled(source: str) -> LabeledSet:
     """Load `demo`, a folder with one subfolder per class, or a `.csv`/`.jsonl` manifest."""
     if source == DEMO:
         return _load_demo()
+    if source == EASY_VQA:
+        return _load_easy_vqa()
     path = pathlib.Path(source)
     if path.is_dir():
         return _load_folder(path)
@@ -77,7 +92,34 @@ def load_labeled(source: str) -> LabeledSet:
     return _load_manifest(path)
 
 
+def data_task(source: str) -> str:
+    """The task `source` holds, read cheaply (a manifest's columns), without loading it."""
+    if source == EASY_VQA:
+        return "vqa"
+    path = pathlib.Path(source)
+    if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
+        return "vqa" if "question" in _manifest_columns(path) else "classification"
+    return "classification"
+
+
+def _manifest_columns(path: pathlib.Path) -> list[str]:
+    """A CSV's header, or the keys of a JSONL manifest's first object."""
+    text = _read_text(path)
+    if path.suffix.lower() == ".csv":
+        return next(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True), [])
+    for line in text.split("\n"):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return []
+            return list(row) if isinstance(row, dict) else []
+    return []
+
+
 def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
+    if data_task(str(manifest)) == "vqa":
+        return _load_vqa_manifest(manifest)
     rows = [
         (where, resolve_in_manifest(manifest, row["path"]), row)
         for where, row in _manifest_rows(manifest, required=("path", "label"))
@@ -94,6 +136,44 @@ def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
         for _, image, row in rows
     ]
     return LabeledSet(samples, class_names)
+
+
+def _load_vqa_manifest(manifest: pathlib.Path) -> LabeledSet:
+    """A `path,question,answer` manifest: one row per question (an image may have many)."""
+    rows = [
+        (where, resolve_in_manifest(manifest, row["path"]), row)
+        for where, row in _manifest_rows(manifest, required=("path", "question", "answer"))
+    ]
+    if not rows:
+        raise InputError(f"{manifest}: manifest has no rows")
+    for where, image, _ in rows:
+        if not image.is_file():
+            raise InputError(f"{where}: {image}: no such file")
+    answers = sorted({row["answer"] for _, _, row in rows})
+    index = {name: i for i, name in enumerate(answers)}
+    samples = [Sample(str(image), str(image), index[row["answer"]], question=row["question"])
+               for _, image, row in rows]
+    return LabeledSet(samples, answers, task="vqa")
+
+
+def _load_easy_vqa() -> LabeledSet:
+    """easy-VQA (MIT, the `easy-vqa` package): its train split is the training pool (train
+    and validation are drawn from it), its test split the test set."""
+    try:
+        import easy_vqa
+    except ImportError:
+        raise InputError(f"--data {EASY_VQA} needs the easy-vqa package: pip install "
+                         "'mm-peft-deploy[vqa]'") from None
+    answers = sorted(easy_vqa.get_answers())
+    index = {name: i for i, name in enumerate(answers)}
+
+    def split(questions, image_paths) -> list[Sample]:
+        return [Sample(image_paths[image], image_paths[image], index[answer], question=question)
+                for question, answer, image in zip(*questions, strict=True)]
+
+    return LabeledSet(split(easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+                      answers, task="vqa",
+                      test=split(easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()))
 
 
 def _load_demo() -> LabeledSet:
@@ -129,6 +209,8 @@ def make_splits(
     split does not depend on `shots` (the 4-shot set is a subset of the 16-shot set) nor on
     the numpy or Python version. Lists are class-major, in that permuted order.
     """
+    if data.task == "vqa":
+        return make_vqa_splits(data, shots, val_per_class, test_per_class, seed)
     for option, value in (
         ("shots", shots),
         ("val_per_class", val_per_class),
@@ -160,6 +242,77 @@ def make_splits(
         splits.val += ordered[test_per_class : test_per_class + val_per_class]
         splits.train += pool[:shots] if shots else pool
     return splits
+
+
+def make_vqa_splits(
+    data: LabeledSet, shots: int, val_per_answer: int, test_per_answer: int, seed: int
+) -> Splits:
+    """Questions split by image, so that no image is in two splits.
+
+    Images are taken in a seeded order (keyed by `seed` and the image's name). An image goes
+    to test (only when `data` has no test split of its own; else that split is the test set,
+    whole) when some answer of its questions still needs test questions, then likewise to
+    validation: there only the questions whose answer still needs one are kept (its others
+    are in no split), so each answer has `test_per_answer` and `val_per_answer` questions, or
+    the data is refused. Every question of the other images is in the training pool, of
+    which `shots` questions per answer are taken (0 = all) in a seeded order, so the 4-shot
+    set is a subset of the 16-shot set.
+    """
+    for option, value in (("shots", shots), ("val_per_class", val_per_answer),
+                          ("test_per_class", test_per_answer)):
+        if value < 0:
+            raise ConfigError(f"{option} must be >= 0, got {value}")
+    by_image: dict[str, list[Sample]] = {}
+    for sample in data.samples:
+        if not 0 <= sample.label < len(data.class_names):
+            raise InputError(f"{sample.name}: answer {sample.label} is not an answer index")
+        by_image.setdefault(sample.name, []).append(sample)
+    images = sorted(by_image, key=lambda name: _shuffle_key(seed, name))
+    held_out: dict[str, list[Sample]] = {}
+    quotas = [("val", val_per_answer)]
+    if data.test is None:
+        quotas.insert(0, ("test", test_per_answer))
+    for split_name, quota in quotas:
+        counts = [0] * len(data.class_names)
+        taken: list[Sample] = []
+        kept: list[str] = []
+        for position, image in enumerate(images):
+            if all(count >= quota for count in counts):
+                kept += images[position:]
+                break
+            needed = [s for s in by_image[image] if counts[s.label] < quota]
+            if not needed:  # answers nothing still needed: stays in the training pool
+                kept.append(image)
+                continue
+            for sample in needed:
+                if counts[sample.label] < quota:
+                    counts[sample.label] += 1
+                    taken.append(sample)
+        images = kept
+        short = [f"{name!r} has {count}" for name, count in zip(data.class_names, counts,
+                                                                 strict=True) if count < quota]
+        if short:
+            raise InputError(f"too few questions per answer for {split_name}: "
+                             f"{', '.join(short)}; need {quota}")
+        held_out[split_name] = taken
+    pool = sorted((s for image in images for s in by_image[image]),
+                  key=lambda s: _shuffle_key(seed, f"{s.name}\0{s.question}"))
+    if shots:
+        counts = [0] * len(data.class_names)
+        train = []
+        for sample in pool:
+            if counts[sample.label] < shots:
+                counts[sample.label] += 1
+                train.append(sample)
+        short = [f"{name!r} has {count}" for name, count in zip(data.class_names, counts,
+                                                                 strict=True) if count < shots]
+        if short:
+            raise InputError(f"too few training questions per answer: {', '.join(short)}; "
+                             f"need {shots}")
+    else:
+        train = pool
+    test = data.test if data.test is not None else held_out["test"]
+    return Splits(train, held_out["val"], list(test), list(data.class_names), task="vqa")
 
 
 def _shuffle_key(seed: int, name: str) -> bytes:

@@ -19,7 +19,7 @@ from .artifacts import (
     sha256_file,
 )
 from .config import BackboneConfig, ConfigBase, DataConfig, TrainConfig
-from .data import DEMO, Sample, Splits, load_labeled
+from .data import DEMO, TASKS, Sample, Splits, load_labeled
 from .errors import ArtifactError, BackboneMismatchError, ConfigError, MmdeployError
 from .registry import adapter_class
 
@@ -37,15 +37,30 @@ class RunConfig(ConfigBase):
     backbone_identity: dict
     data: DataConfig
     train: TrainConfig
-    class_names: list[str]
+    class_names: list[str]  # the answers of a vqa run
     preprocessing: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # set when training ends; checked on every load
     bank_sha256: str | None = None  # likewise, for adapters with a memory bank
     package_version: str = __version__
+    # What the data makes of the run: `classification` (image -> class) or `vqa` (image +
+    # question -> answer); a config written before there were tasks is a classification run.
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r}: must be one of {', '.join(TASKS)}")
+
+    def require_classification(self, stage: str) -> None:
+        """Refuse a vqa run in a stage that serves images alone (export and serving of image +
+        question runs are not built yet)."""
+        if self.task != "classification":
+            raise ConfigError(f"{stage}: this is a {self.task} run (image + question -> "
+                              "answer); its export and serving are not built yet, only "
+                              "training is")
 
     def typed_adapter_config(self) -> ConfigBase:
-        return adapter_class(self.adapter).config_class.from_dict(self.adapter_config)
+        return adapter_class(self.adapter, self.task).config_class.from_dict(self.adapter_config)
 
     def splits(self) -> Splits:
         """The split the run was trained on, drawn again from its data."""
@@ -65,7 +80,7 @@ class RunConfig(ConfigBase):
 
 def build_model(run: RunConfig, backbone: Backbone):
     """A fresh (untrained) adapted model for this run on this backbone."""
-    cls = adapter_class(run.adapter)
+    cls = adapter_class(run.adapter, run.task)
     try:
         return cls(backbone, run.typed_adapter_config(), run.class_names,
                    run.data.prompt_template)

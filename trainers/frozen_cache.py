@@ -20,7 +20,14 @@ import torch
 from mmdeploy.data import Sample
 from mmdeploy.errors import MmdeployError
 
-from .split import Split, labels_and_captions, pixel_chunks
+from .split import (
+    Split,
+    asks_questions,
+    distinct_images,
+    labels_and_captions,
+    pixel_chunks,
+    vqa_split,
+)
 
 CHUNK = 64  # images through the frozen prefix at a time
 CHECK_IMAGES = 4
@@ -31,18 +38,22 @@ CHECK_TOLERANCE = 1e-4  # float32: the split forward runs the very same modules
 def cached_split(model, samples: list[Sample], device: str, autocast: AbstractContextManager,
                  desc: str, spill_path: Path, memory_limit_bytes: int) -> Split:
     """The samples as `model.frozen_features` of their pixels, each image computed once,
-    `CHUNK` at a time (the decoded pixels of a whole split are never held)."""
+    `CHUNK` at a time (the decoded pixels of a whole split are never held); a vqa split
+    holds each distinct image once, whatever the number of questions asked of it."""
     model.eval()
+    images = distinct_images(samples)[0] if asks_questions(samples) else samples
     storage = None
     start = 0
-    for pixels in pixel_chunks(samples, model.backbone, desc, CHUNK):
+    for pixels in pixel_chunks(images, model.backbone, desc, CHUNK):
         with autocast:
             features = model.frozen_features(pixels.to(device)).cpu()
         if storage is None:
-            storage = _allocate((len(samples), *features.shape[1:]), features.dtype,
+            storage = _allocate((len(images), *features.shape[1:]), features.dtype,
                                 spill_path, memory_limit_bytes)
         storage[start:start + len(features)] = features
         start += len(features)
+    if images is not samples:
+        return vqa_split(storage, distinct_images(samples)[1], samples, model.backbone)
     return Split(storage, *labels_and_captions(samples))
 
 
@@ -55,12 +66,20 @@ def check_split_forward(model, samples: list[Sample], device: str) -> None:
     if model.first_adapted_block() == len(model.backbone.vision_blocks()):
         return
     model.eval()
-    pixels = torch.cat(list(pixel_chunks(samples[:CHECK_IMAGES], model.backbone,
-                                         "check split"))).to(device)
-    whole = model.image_features(pixels)
+    images = distinct_images(samples)[0][:CHECK_IMAGES] if asks_questions(samples) \
+        else samples[:CHECK_IMAGES]
+    pixels = torch.cat(list(pixel_chunks(images, model.backbone, "check split"))).to(device)
+    features = model.image_features
+    if asks_questions(images):  # a vqa model's image tower reads the question (HMMoE)
+        tokens = model.backbone.tokenize([s.question or "" for s in images])
+        states = model.encode_question(tokens["input_ids"], tokens["attention_mask"])[1]
+
+        def features(inputs: torch.Tensor) -> torch.Tensor:
+            return model.encode_image(inputs, states, tokens["attention_mask"])
+    whole = features(pixels)
     model.reads_cache = True
     try:
-        split = model.image_features(model.frozen_features(pixels))
+        split = features(model.frozen_features(pixels))
     finally:
         model.reads_cache = False
     if not torch.allclose(whole, split, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE):

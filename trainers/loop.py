@@ -48,6 +48,9 @@ class TrainResult:
 
 
 def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
+    if split.input_ids is not None:  # vqa: image + question
+        return model(split.inputs.to(device), split.input_ids.to(device),
+                     split.attention_mask.to(device))[0]
     captions = split.captions if model.uses_captions else None
     return model(split.inputs.to(device), captions)[0]
 
@@ -55,9 +58,43 @@ def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model, split: Split, batch_size: int, device: str = "cpu") -> float:
     model.eval()
+    if split.image_index is not None and not model.image_reads_question:
+        return _vqa_accuracy_per_image(model, split, batch_size, device)
     correct = sum((logits_of(model, batch, device).argmax(-1).cpu() == batch.labels).sum().item()
                   for batch in split.batches(batch_size))
     return correct / max(len(split), 1)
+
+
+def _image_rows(model, split: Split, batch_size: int, device: str) -> torch.Tensor:
+    """Pooled image features of each distinct image of a vqa split [images, Di]."""
+    return torch.cat([model.image_features(split.inputs[i:i + batch_size].to(device))
+                      for i in range(0, len(split.inputs), batch_size)])
+
+
+def _vqa_accuracy_per_image(model, split: Split, batch_size: int, device: str) -> float:
+    """`accuracy` of a vqa model whose image features do not depend on the question: each
+    image goes through the image tower once, whatever the number of questions asked of it
+    (the same logits as the forward on every question, computed once per image)."""
+    image = _image_rows(model, split, batch_size, device)
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        ids = torch.arange(start, min(start + batch_size, len(split)))
+        batch = split.batch(ids)
+        question = model.encode_question(batch.input_ids.to(device),
+                                         batch.attention_mask.to(device))[0]
+        logits = model.answer(image[split.image_index[ids].to(device)], question)[0]
+        correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
+    return correct / max(len(split), 1)
+
+
+@torch.no_grad()
+def _build_vqa_bank(model, split: Split, batch_size: int, device: str, seed: int) -> None:
+    """GA-Net's bank from a vqa training split: each question's [image ; question] node."""
+    image = _image_rows(model, split, batch_size, device)[split.image_index.to(device)]
+    question = torch.cat([model.encode_question(batch.input_ids.to(device),
+                                                batch.attention_mask.to(device))[0]
+                          for batch in split.batches(batch_size)])
+    model.build_vqa_bank(image, question, split.labels, seed)
 
 
 class PhaseClock:
@@ -105,7 +142,12 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     train_split, val_split = _training_inputs(model, cfg, run_dir, backbone, splits, device,
                                               autocast)
     clock.begin("train")
-    if model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
+    if model.needs_bank and train_split.image_index is not None:  # vqa
+        model.eval()
+        _build_vqa_bank(model, train_split, cfg.batch_size, device, cfg.seed)
+        save_safetensors(run_dir.bank_path, model.bank_state_dict(),
+                         metadata={"adapter": type(model).__name__})
+    elif model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
         model.build_bank(train_split.inputs, train_split.labels, train_split.captions, cfg.seed)
         save_safetensors(run_dir.bank_path, model.bank_state_dict(),
                          metadata={"adapter": type(model).__name__})
@@ -117,7 +159,8 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     state = {"step": 0, "best_val": -1.0, "best_step": -1, "bad_steps": 0}
     if not params:  # nothing to train (zero-shot): the model as it is is the result
         _validate(model, run_dir, val_split, cfg.batch_size, state, 0, device)
-        return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device)
+        return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device,
+                       cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, total_steps)
 
@@ -175,7 +218,8 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
             if end_of_epoch or state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint(run_dir, model, optimizer, state, ewc)
     progress.close()
-    return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device)
+    return _finish(run_dir, backbone, splits, state, clock, model, cfg.batch_size, device,
+                       cfg)
 
 
 def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbone,
@@ -196,15 +240,25 @@ def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbon
 
 
 def _finish(run_dir, backbone, splits, state, clock, model, batch_size,
-            device) -> TrainResult:
+            device, cfg: TrainConfig) -> TrainResult:
     """Test accuracy of the best checkpoint, once, at the very end, through the model's
-    whole forward (never the cache)."""
+    whole forward (never the cache); a vqa run's test split (easy-VQA's: 9,673 questions,
+    each of which would run the whole image tower) goes through the frozen-prefix cache
+    when training did, which `check_split_forward` found equal to the whole forward."""
     clock.begin("test")
+    model.load_adapter_state_dict(load_safetensors(run_dir.weights_path))
+    if splits.task == "vqa" and model.reads_cache:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+        test = cached_split(model, splits.test, device, autocast, "cache test",
+                            run_dir.feature_cache_dir / "test.bin",
+                            cfg.cache_memory_mb * 2**20)
+        model.reads_cache = True
+    else:
+        model.reads_cache = False
+        test = decode(splits.test, backbone, "decode test")
+    test_accuracy = accuracy(model, test, batch_size, device)
     model.reads_cache = False
     shutil.rmtree(run_dir.feature_cache_dir, ignore_errors=True)
-    model.load_adapter_state_dict(load_safetensors(run_dir.weights_path))
-    test_accuracy = accuracy(model, decode(splits.test, backbone, "decode test"),
-                             batch_size, device)
     phases = clock.stop()
     _log(run_dir, {"event": "test", "step": state["step"], "best_step": state["best_step"],
                    "val_accuracy": state["best_val"], "test_accuracy": test_accuracy})

@@ -8,7 +8,7 @@ from pathlib import Path
 from mmdeploy.artifacts import RunDir, atomic_write_json, sha256_file
 from mmdeploy.backbone import Backbone, load_backbone
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
-from mmdeploy.data import Splits
+from mmdeploy.data import Splits, data_task
 from mmdeploy.registry import adapter_class
 from mmdeploy.runs import RunConfig, load_run_config
 
@@ -33,16 +33,18 @@ def new_run(out: Path, adapter: str, adapter_options: dict, backbone_config: Bac
     """Check everything, then create the run directory and its `adapter_config.json`.
     `adapter_options` are the options the user gave; the others take their defaults, fitted
     to the backbone (`AdaptedModel.fit_options`)."""
-    adapter_class(adapter).config_class.from_dict(adapter_options)  # a bad option fails first
+    task = data_task(data_config.source)  # the data chooses the task
+    model_class = adapter_class(adapter, task)
+    model_class.config_class.from_dict(adapter_options)  # a bad option fails first
     backbone = load_backbone(backbone_config)
-    adapter_config, notes = adapter_class(adapter).fit_options(backbone, adapter_options)
+    adapter_config, notes = model_class.fit_options(backbone, adapter_options)
     splits = data_config.splits()  # an impossible split fails before anything is written
     run_dir = RunDir(Path(out))
     run_dir.prepare_new(overwrite)
     run = RunConfig(adapter=adapter, adapter_config=adapter_config.to_dict(),
                     backbone=backbone_config, backbone_identity=backbone.identity,
                     data=data_config, train=train_config, class_names=splits.class_names,
-                    preprocessing=backbone.preprocessor.to_dict())
+                    preprocessing=backbone.preprocessor.to_dict(), task=splits.task)
     atomic_write_json(run_dir.config_path, run.to_dict())
     return PreparedRun(run_dir, run, backbone, splits, notes)
 

@@ -33,6 +33,7 @@ class Predictor(ABC):
     def __init__(self, run_path: str | Path, record: str | None = None):
         self.run_dir = RunDir(Path(run_path))
         self.run: RunConfig = load_run_config(self.run_dir)
+        self.run.require_classification(f"{run_path}")
         self.class_names = self.run.class_names
         self.preprocessor = Preprocessor.from_dict(self.run.preprocessing)
         self.batch_range: tuple[int, int | None] = (1, None)  # inclusive; None = unbounded

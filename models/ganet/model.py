@@ -75,13 +75,19 @@ class GANetModel(AdaptedModel):
         device = self.classifier.weight.device
         image = torch.cat([self.image_features(pixels[i:i + batch_size].to(device))
                            for i in range(0, len(pixels), batch_size)])
-        samples = graph.node_features(image, self.caption_features(captions, len(image)))
-        labels = labels.to(device)
+        self.bank_from(image, self.caption_features(captions, len(image)), labels.to(device),
+                       seed)
+
+    def bank_from(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                  seed: int) -> None:
+        """The bank from the training samples' image [N, Di] and text [N, Dt] features: a
+        class node per class (its mean image; its prompt), then up to `bank_size` samples."""
+        samples = graph.node_features(image, text)
         class_image = torch.stack([image[labels == c].mean(0)
                                    for c in range(len(self.class_names))])
         classes = graph.node_features(class_image, self.encode_prompts()[0])
         chosen = _balanced_choice(labels.cpu(), self.config.bank_size, seed)
-        self.set_bank(torch.cat([classes, samples[chosen.to(device)]]))
+        self.set_bank(torch.cat([classes, samples[chosen.to(image.device)]]))
 
     def set_bank(self, nodes: torch.Tensor) -> None:
         self.bank_nodes = nodes.detach().clone()
@@ -122,11 +128,15 @@ class GANetModel(AdaptedModel):
     def encode_images(self, pixel_values: torch.Tensor,
                       captions: list[str] | None = None) -> torch.Tensor:
         """Shapes: pixel_values [B, 3, H, W] -> adapted query nodes [B, Di + Dt]."""
-        if len(self.bank_nodes) == 0:
-            raise RuntimeError("GA-Net has no memory bank: build_bank() or load one first")
         image = self.image_features(pixel_values)
         # shape[0], not len(): len() would freeze the exported batch size
-        x = graph.node_features(image, self.caption_features(captions, image.shape[0]))
+        return self.adapt_nodes(graph.node_features(
+            image, self.caption_features(captions, image.shape[0])))
+
+    def adapt_nodes(self, x: torch.Tensor) -> torch.Tensor:
+        """Shapes: query nodes [B, Di + Dt] -> adapted query nodes [B, Di + Dt]."""
+        if len(self.bank_nodes) == 0:
+            raise RuntimeError("GA-Net has no memory bank: build_bank() or load one first")
         similarity = x @ self.bank_nodes.T
         if self.training:
             similarity = similarity.masked_fill(similarity > _OWN_COPY, graph.NO_EDGE)

@@ -6,9 +6,13 @@ context `ctx` [B or 1, T, d] (already projected to width d; batch 1 broadcasts o
 outputs exactly 0 before training.
 
 An expert runs in two steps, so that a token router can send single tokens to it and still get
-the same numbers as the dense form: `condition(x, ctx)` computes per-sample state from the whole
-sample (pooled image, context keys), then `map_tokens(tokens, state)` maps tokens independently
-given that state. `forward(x, ctx)` chains the two.
+the same numbers as the dense form: `condition(x, ctx, mask)` computes per-sample state from the
+whole sample (pooled image, context keys), then `map_tokens(tokens, state)` maps tokens
+independently given that state. `forward(x, ctx, mask)` chains the two.
+
+`mask` [B or 1, T] (1 = a real context token, 0 = padding), or None when every context token
+is real (the class prompts' pooled tokens): padding then takes no part anywhere, so a padded
+question gives what the unpadded one gives.
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ from torch import Tensor, nn
 
 State = tuple[Tensor, ...]
 """Per-sample expert state: tensors with a leading batch dim of B or 1 (broadcast)."""
+
+PADDING_SCORE = -1e4
+"""Attention score given to padding tokens: exp underflows to exactly 0, also in fp16."""
+
+
+def masked_mean(ctx: Tensor, mask: Tensor | None, keepdim: bool = False) -> Tensor:
+    """Mean over the context tokens [B, T, d] -> [B, d] (or [B, 1, d]), padding excluded."""
+    if mask is None:
+        return ctx.mean(dim=1, keepdim=keepdim)
+    weights = mask.unsqueeze(-1).to(ctx.dtype)
+    return (ctx * weights).sum(1, keepdim=keepdim) / weights.sum(1, keepdim=keepdim).clamp(min=1)
 
 
 def zero_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -42,15 +57,15 @@ class Expert(nn.Module, ABC):
 
     up: nn.Linear
 
-    def condition(self, x: Tensor, ctx: Tensor) -> State:
+    def condition(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> State:
         return ()
 
     @abstractmethod
     def map_tokens(self, tokens: Tensor, state: State) -> Tensor:
         """The expert's low-rank map of `tokens`, conditioned by `state`."""
 
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
-        return self.map_tokens(x, self.condition(x, ctx))
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.map_tokens(x, self.condition(x, ctx, mask))
 
 
 class BottleneckExpert(Expert):
@@ -88,12 +103,18 @@ class CrossAttentionExpert(Expert):
         self.up = zero_linear(rank, dim)
         self.scale = rank**-0.5
 
-    def condition(self, x: Tensor, ctx: Tensor) -> State:
-        return self.key(ctx), self.value(ctx)
+    def condition(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> State:
+        if mask is None:
+            return self.key(ctx), self.value(ctx)
+        # [B, 1, T]: 0 for a real token, PADDING_SCORE for padding, added to the scores
+        bias = (1 - mask.to(ctx.dtype)).unsqueeze(1) * PADDING_SCORE
+        return self.key(ctx), self.value(ctx), bias
 
     def map_tokens(self, tokens: Tensor, state: State) -> Tensor:
-        keys, values = state
+        keys, values, *bias = state
         scores = self.query(tokens) @ keys.transpose(-1, -2) * self.scale
+        if bias:
+            scores = scores + bias[0]
         return self.up(scores.softmax(dim=-1) @ values)
 
 
@@ -117,8 +138,9 @@ class ChannelAttentionExpert(Expert):
         self.down = nn.Linear(dim, rank)
         self.up = zero_linear(rank, dim)
 
-    def condition(self, x: Tensor, ctx: Tensor) -> State:
-        pooled = F.relu(self.squeeze_image(x.mean(dim=1)) + self.squeeze_context(ctx.mean(dim=1)))
+    def condition(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> State:
+        pooled = F.relu(self.squeeze_image(x.mean(dim=1))
+                        + self.squeeze_context(masked_mean(ctx, mask)))
         return (torch.sigmoid(self.excite(pooled)).unsqueeze(1),)
 
     def map_tokens(self, tokens: Tensor, state: State) -> Tensor:
@@ -145,8 +167,8 @@ class AffineFusionExpert(Expert):
         self.beta = nn.Linear(rank, rank)
         self.up = zero_linear(rank, dim)
 
-    def condition(self, x: Tensor, ctx: Tensor) -> State:
-        context = self.context_down(ctx.mean(dim=1, keepdim=True))
+    def condition(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> State:
+        context = self.context_down(masked_mean(ctx, mask, keepdim=True))
         return 1 + self.gamma(context), self.beta(context)
 
     def map_tokens(self, tokens: Tensor, state: State) -> Tensor:

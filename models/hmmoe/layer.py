@@ -35,7 +35,8 @@ class HMMoELayer(nn.Module):
     `balance_loss_weight` times the router's balance loss of the last training-mode forward.
 
     Shapes:
-        x [B, N, dim] (layer-normed image tokens), context [B or 1, T, context_dim] -> [B, N, dim]
+        x [B, N, dim] (layer-normed image tokens), context [B or 1, T, context_dim],
+        mask [B or 1, T] or None (which context tokens are real; None: all) -> [B, N, dim]
     """
 
     def __init__(self, dim: int, context_dim: int, config: HMMoEConfig):
@@ -56,26 +57,28 @@ class HMMoELayer(nn.Module):
             return self._balance_loss
         return self.context_proj.weight.new_zeros(())
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         ctx = self.context_proj(context)
-        logits = self.router(x, ctx)
+        logits = self.router(x, ctx, mask)
         if self.training:
             self._balance_loss = self.config.balance_loss_weight * self.router.balance_loss(logits)
         if self.deploy_form:
-            return self._deploy_forward(x, ctx, logits)
-        return self._dispatch_forward(x, ctx, logits)
+            return self._deploy_forward(x, ctx, mask, logits)
+        return self._dispatch_forward(x, ctx, mask, logits)
 
-    def _deploy_forward(self, x: Tensor, ctx: Tensor, logits: Tensor) -> Tensor:
+    def _deploy_forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None,
+                        logits: Tensor) -> Tensor:
         gates = self.router.masked_gates(logits)
         if self.router.granularity == "sample":
             gates = gates.unsqueeze(1)  # [B, 1, E]: one gate per sample, broadcast over tokens
         weighted = (
-            gates[..., index : index + 1] * expert(x, ctx)
+            gates[..., index : index + 1] * expert(x, ctx, mask)
             for index, expert in enumerate(self.experts)
         )
         return functools.reduce(operator.add, weighted)  # no zeros_like: it exports as an Expand
 
-    def _dispatch_forward(self, x: Tensor, ctx: Tensor, logits: Tensor) -> Tensor:
+    def _dispatch_forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None,
+                          logits: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         gates, expert_ids = self.router.top_k_gates(logits)
         samples = torch.arange(batch, device=x.device)
@@ -91,7 +94,7 @@ class HMMoELayer(nn.Module):
             unit_ids, slots = (expert_ids == index).nonzero(as_tuple=True)
             if unit_ids.numel() == 0:
                 continue
-            routed = self._run_on_units(expert, x, ctx, units, sample_of_unit, unit_ids)
+            routed = self._run_on_units(expert, x, ctx, mask, units, sample_of_unit, unit_ids)
             output = output.index_add(0, unit_ids, gates[unit_ids, slots].view(-1, 1, 1) * routed)
         return output.reshape(batch, tokens, dim)
 
@@ -100,11 +103,12 @@ class HMMoELayer(nn.Module):
         expert: Expert,
         x: Tensor,
         ctx: Tensor,
+        mask: Tensor | None,
         units: Tensor,
         sample_of_unit: Tensor,
         unit_ids: Tensor,
     ) -> Tensor:
         """The expert on the chosen units, conditioned on their whole samples."""
         samples = sample_of_unit.index_select(0, unit_ids)
-        state: State = tuple(_rows(part, samples) for part in expert.condition(x, ctx))
+        state: State = tuple(_rows(part, samples) for part in expert.condition(x, ctx, mask))
         return expert.map_tokens(units.index_select(0, unit_ids), state)

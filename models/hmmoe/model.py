@@ -68,7 +68,13 @@ class HMMoEModel(AdaptedModel):
     def _run_adapter(self, position: int, mlp: nn.Module, inputs: tuple,
                      output: torch.Tensor) -> torch.Tensor:
         adapter = self.adapters[position]
-        return output + self.config.scale * adapter(inputs[0], self.context(position))
+        return output + self.config.scale * adapter(inputs[0], self.context(position),
+                                                    self.context_mask(position))
+
+    def context_mask(self, position: int) -> torch.Tensor | None:
+        """Which of `context(position)`'s tokens are real: None, all of them (the pooled
+        prompts or captions); a vqa model's question tokens carry their attention mask."""
+        return None
 
     def context(self, position: int) -> torch.Tensor:
         """Context tokens for adapter `position`: [1, C, text_width] from the class prompts,

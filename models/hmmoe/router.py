@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from mmdeploy.errors import ConfigError
 
+from .experts import masked_mean
+
 GRANULARITIES = ("sample", "token")
 """Route whole samples (pooled image tokens) or single tokens."""
 
@@ -43,10 +45,11 @@ class Router(nn.Module):
         self.image_logits = nn.Linear(dim, num_experts)
         self.context_logits = nn.Linear(dim, num_experts, bias=False)
 
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` [B or 1, T]: which context tokens are real (None: all)."""
         per_token = self.granularity == "token"
         image = x if per_token else x.mean(dim=1)
-        context = ctx.mean(dim=1, keepdim=per_token)
+        context = masked_mean(ctx, mask, keepdim=per_token)
         logits = self.image_logits(image) + self.context_logits(context)
         if self.training and self.noise_std > 0:
             logits = logits + self.noise_std * torch.randn_like(logits)

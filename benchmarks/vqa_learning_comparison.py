@@ -1,0 +1,138 @@
+"""Learning comparison on easy-VQA (image + question -> answer): the pooled-feature baselines,
+LoRA, HMMoE and GA-Net on one frozen backbone, in the same trainer.
+
+    python benchmarks/vqa_learning_comparison.py --backbone tiny --shots 16,0 --lrs 3e-3
+    python benchmarks/vqa_learning_comparison.py --backbone real --shots 16 --lrs 1e-3 \
+        --adapters question-only,image-only,late-fusion,late-fusion-mlp,product-fusion,ganet
+
+Every model trains on the same splits of easy-VQA (`--data easy-vqa`: the package's train
+split gives train and validation, 20 questions per answer, disjoint images; its test split,
+9,673 questions, is the test set); shots = questions per answer, 0 = the whole training
+pool. For each (shots, seed) the split seed and the training seed are both `seed`. The
+learning rate is swept on the first seed as in `learning_comparison.py` (ascending, stop at
+the first rate worse on validation than the one before, keep the best on validation), the
+other seeds train with it. The checkpoint kept is the best on validation; its test accuracy
+is reported once. `--backbone real` is the DINOv2-S + MiniLM pair
+(`python -m mmdeploy.bench.real_pair`), models at their defaults fitted to the towers.
+Writes benchmarks/results/<date>-<host>-vqa-<backbone>[-<tag>].json and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+from learning_comparison import parse_sets, table
+
+from mmdeploy.bench.real_pair import real_pair
+from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
+from mmdeploy.data import EASY_VQA
+from mmdeploy.trainers.run import new_run, run_training
+
+ADAPTERS = ("question-only", "image-only", "late-fusion", "late-fusion-mlp", "product-fusion",
+            "lora", "hmmoe", "ganet")
+# Models on pooled features train on cached features: a step costs milliseconds.
+HEADS = ("question-only", "image-only", "late-fusion", "late-fusion-mlp", "product-fusion",
+         "ganet")
+OPTIONS = {"tiny": {"lora": {"rank": 4}, "hmmoe": {"rank": 4, "num_layers": 2},
+                    "ganet": {"rank": 16}}}
+RECIPES = {"tiny": {"few_shot_epochs": dict.fromkeys(ADAPTERS, 20),
+                    "full_epochs": dict.fromkeys(ADAPTERS, 1),
+                    "batch_size": 32, "val_per_class": 20},
+           "real": {"few_shot_epochs": {a: 100 if a in HEADS else 10 for a in ADAPTERS},
+                    "full_epochs": {a: 10 if a in HEADS else 1 for a in ADAPTERS},
+                    "batch_size": 32, "val_per_class": 20}}
+
+
+def train_one(adapter: str, shots: int, seed: int, lr: float, spec: str, backbone: str,
+              options: dict, workdir: Path) -> dict:
+    recipe = RECIPES[backbone]
+    epochs = recipe["full_epochs" if shots == 0 else "few_shot_epochs"][adapter]
+    prepared = new_run(
+        workdir / f"{adapter}-{shots}-{seed}-{lr:g}", adapter, options.get(adapter, {}),
+        BackboneConfig(spec=spec),
+        DataConfig(source=EASY_VQA, shots=shots, split_seed=seed,
+                   val_per_class=recipe["val_per_class"]),
+        TrainConfig(epochs=epochs, lr=lr, batch_size=recipe["batch_size"], seed=seed))
+    result = run_training(prepared)
+    return {"adapter": adapter, "shots": shots, "seed": seed, "lr": lr,
+            "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test_accuracy,
+            "trainable": result.parameters["trainable"],
+            "trainable_share": result.parameters["trainable_share"],
+            "steps": result.steps, "seconds": round(result.seconds, 1),
+            "phase_seconds": result.phase_seconds}
+
+
+def compare(adapters: list[str], shots: list[int], seeds: list[int], lrs: list[float],
+            spec: str, backbone: str, options: dict, workdir: Path, log: Path) -> list[dict]:
+    """Every row trained; `kept` marks the runs of the chosen rate (all but the sweep's).
+    Each row is appended to `log` as it comes (a long run can be read while it goes)."""
+    rows = []
+
+    def run(adapter, s, seed, lr):
+        rows.append(train_one(adapter, s, seed, lr, spec, backbone, options, workdir))
+        with open(log, "a") as handle:
+            handle.write(json.dumps(rows[-1]) + "\n")
+        print(json.dumps(rows[-1]), flush=True)
+        return rows[-1]
+
+    for s in shots:
+        for adapter in adapters:
+            sweep = []
+            for lr in sorted(lrs):
+                sweep.append(run(adapter, s, seeds[0], lr))
+                if len(sweep) > 1 and sweep[-1]["val_accuracy"] < sweep[-2]["val_accuracy"]:
+                    break
+            best = max(sweep, key=lambda row: row["val_accuracy"])  # first on ties
+            best["kept"] = True
+            for seed in seeds[1:]:
+                run(adapter, s, seed, best["lr"])["kept"] = True
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="real", choices=sorted(RECIPES))
+    parser.add_argument("--adapters", default=",".join(ADAPTERS))
+    parser.add_argument("--shots", default="16,0", help="comma-separated; 0 = full")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lrs", default="1e-3,1e-2", help="the sweep, on the first seed")
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        metavar="ADAPTER.OPTION=VALUE", help="an option over the defaults")
+    parser.add_argument("--tag", help="added to the results' file name")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    adapters = args.adapters.split(",")
+    shots = [int(s) for s in args.shots.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lrs = [float(lr) for lr in args.lrs.split(",")]
+    options = {**OPTIONS.get(args.backbone, {})}
+    for adapter, values in parse_sets(args.sets).items():
+        options[adapter] = {**options.get(adapter, {}), **values}
+    spec = real_pair().spec if args.backbone == "real" else args.backbone
+    stem = f"{datetime.date.today().isoformat()}-{platform.node()}-vqa-{args.backbone}"
+    stem += f"-{args.tag}" if args.tag else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmdeploy-vqa-learning-") as workdir:
+        rows = compare(adapters, shots, seeds, lrs, spec, args.backbone, options,
+                       Path(workdir), args.out / f"{stem}.rows.jsonl")
+    shown = [a for a in ADAPTERS if any(r["adapter"] == a for r in rows)]
+    markdown = table(rows, shown, sorted({r["shots"] for r in rows}, key=lambda s: s or 1e9))
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"backbone": args.backbone, "data": EASY_VQA, "recipe": RECIPES[args.backbone],
+         "options": options, "lrs": lrs, "seeds": seeds,
+         "metric": "test accuracy (easy-VQA's test split, 9,673 questions) of the "
+                   "best-on-validation checkpoint, mean ± std over seeds, at the learning "
+                   "rate chosen on validation (first seed)",
+         "rows": rows}, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Image + question -> answer: the vqa forms of the adapters and their fused baselines."""

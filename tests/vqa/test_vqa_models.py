@@ -1,0 +1,184 @@
+"""VQA models at tiny size: padding takes part nowhere, the question cache gives what the text
+tower gives, every model learns, and the trainer's frozen-prefix cache trains the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdeploy.artifacts import RunDir, load_safetensors
+from mmdeploy.backbone import load_backbone
+from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
+from mmdeploy.data import load_labeled, make_splits
+from mmdeploy.models.hmmoe.config import HMMoEConfig
+from mmdeploy.models.hmmoe.layer import HMMoELayer
+from mmdeploy.registry import VQA_ADAPTERS, adapter_class
+from mmdeploy.runs import RunConfig
+from mmdeploy.trainers import loop
+from mmdeploy.trainers.split import decode
+
+OPTIONS = {"hmmoe": {"num_layers": 2, "rank": 4}, "ganet": {"rank": 16, "k": 3},
+           "lora": {"rank": 4}}
+
+
+@pytest.fixture
+def vqa_backbone(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "backbones"
+    return lambda: load_backbone(BackboneConfig(cache_dir=str(cache)))
+
+
+def build(name, backbone, answers):
+    cls = adapter_class(name, "vqa")
+    return cls(backbone, cls.config_class.from_dict(OPTIONS.get(name, {})), answers)
+
+
+@pytest.mark.parametrize("deploy_form", [False, True])
+@pytest.mark.parametrize("router", ["sample", "token"])
+def test_hmmoe_layer_ignores_padding(deploy_form, router):
+    torch.manual_seed(0)
+    config = HMMoEConfig(rank=4, top_k=2, router=router)
+    layer = HMMoELayer(8, 6, config).eval()
+    for expert in layer.experts:  # a trained layer: its output projections are not zero
+        torch.nn.init.normal_(expert.up.weight)
+    layer.deploy_form = deploy_form
+    x = torch.randn(2, 5, 8)
+    lengths = [3, 6]
+    questions = [torch.randn(1, n, 6) for n in lengths]
+    padded = torch.randn(2, 6, 6)  # what sits at padded positions must not matter
+    mask = torch.zeros(2, 6)
+    for row, (question, n) in enumerate(zip(questions, lengths, strict=True)):
+        padded[row, :n] = question[0]
+        mask[row, :n] = 1
+    together = layer(x, padded, mask)
+    for row, question in enumerate(questions):
+        alone = layer(x[row:row + 1], question, torch.ones(1, question.shape[1]))
+        torch.testing.assert_close(together[row:row + 1], alone, rtol=1e-5, atol=1e-6)
+    assert together.abs().sum() > 0
+    # and without a mask every context token counts, as the classification path has it
+    torch.testing.assert_close(layer(x[1:], padded[1:]), together[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_the_question_cache_gives_what_the_text_tower_gives(vqa_backbone, vqa_manifest):
+    backbone = vqa_backbone()
+    model = build("hmmoe", backbone, ["yes", "no"]).eval()
+    for adapter in model.adapters:
+        torch.nn.init.normal_(adapter.experts[0].up.weight)
+    questions = ["is there a red shape?", "what?", "what is the shape?"]
+    for question in questions:  # fill the cache one unpadded question at a time
+        alone = backbone.tokenize([question])
+        model.encode_question(alone["input_ids"], alone["attention_mask"])
+    tokens = backbone.tokenize(questions)
+    assert not tokens["attention_mask"].all()  # padded
+    pixels = decode(load_labeled(str(vqa_manifest)).samples[::4][:3], backbone, "decode").inputs
+    with torch.no_grad():
+        cached = model(pixels, tokens["input_ids"], tokens["attention_mask"])[0]
+        pooled, states = backbone.encode_text(tokens)
+        tower = model.answer(model.encode_image(pixels, states, tokens["attention_mask"]),
+                             pooled)[0]
+    torch.testing.assert_close(cached, tower, rtol=1e-4, atol=1e-5)
+
+
+def _fit(model, split, steps=8, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    batch = split.batch(torch.arange(len(split)))
+    losses = []
+    for _ in range(steps):
+        model.train()
+        loss = F.cross_entropy(loop.logits_of(model, batch), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", sorted(VQA_ADAPTERS))
+def test_every_vqa_model_learns(vqa_backbone, vqa_manifest, name):
+    torch.manual_seed(0)
+    data = load_labeled(str(vqa_manifest))
+    splits = make_splits(data, shots=2, val_per_class=1, test_per_class=1, seed=0)
+    backbone = vqa_backbone()
+    model = build(name, backbone, splits.class_names)
+    split = decode(splits.train, backbone, "decode")
+    if model.needs_bank:
+        loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
+    losses = _fit(model, split)
+    # One modality alone cannot tell the answers of different questions about one image (or
+    # of one question about different images) apart: its loss has a floor well above zero
+    # and falls slowly towards it; the models that see both fall fast.
+    if name in ("image-only", "question-only"):
+        assert losses[-1] < losses[0], losses
+    else:
+        assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _train(tmp_path, manifest, adapter, **train_options):
+    backbone_config = BackboneConfig(cache_dir=str(tmp_path / "cache"))
+    backbone = load_backbone(backbone_config)
+    data = DataConfig(source=str(manifest), shots=2, val_per_class=1, test_per_class=1)
+    splits = data.splits()
+    run = RunConfig(adapter=adapter, adapter_config=OPTIONS.get(adapter, {}),
+                    backbone=backbone_config, backbone_identity=backbone.identity, data=data,
+                    class_names=splits.class_names, task=splits.task,
+                    train=TrainConfig(**{"epochs": 1, "batch_size": 8, "seed": 1,
+                                         **train_options}))
+    run_dir = RunDir(tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
+    run_dir.prepare_new(overwrite=False)
+    return loop.train(run, run_dir, backbone, splits), run_dir
+
+
+@pytest.mark.parametrize("adapter", ["hmmoe", "ganet"])
+def test_the_frozen_prefix_cache_trains_the_same_vqa_model(tmp_path, vqa_manifest, adapter):
+    cached, cached_dir = _train(tmp_path, vqa_manifest, adapter)
+    plain, plain_dir = _train(tmp_path, vqa_manifest, adapter, cache_features=False)
+    a, b = load_safetensors(cached_dir.weights_path), load_safetensors(plain_dir.weights_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert (cached.best_step, cached.test_accuracy) == (plain.best_step, plain.test_accuracy)
+
+
+def test_train_cli_records_the_vqa_task(cli, tmp_path, vqa_manifest):
+    out = tmp_path / "run"
+    result = cli(["train", "--adapter", "product-fusion", "--data", vqa_manifest,
+                  "--out", out, "--shots", "2", "--val-per-class", "1",
+                  "--test-per-class", "1", "--max-steps", "3", "--batch-size", "8"])
+    assert result.code == 0, result
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task"] == "vqa" and config["adapter"] == "product-fusion"
+    assert config["class_names"] == sorted(["red", "green", "blue", "circle", "square",
+                                            "yes", "no"])
+    export = cli(["export", "--run", out])
+    assert export.code == 1 and export.error_lines() == [
+        "error: export: this is a vqa run (image + question -> answer); its export and "
+        "serving are not built yet, only training is"]
+    refused = cli(["train", "--adapter", "zero-shot", "--data", vqa_manifest, "--out",
+                   tmp_path / "zs"])
+    assert refused.code == 1 and refused.error_lines() == [
+        "error: adapter 'zero-shot' has no vqa form; for vqa choose from ganet, hmmoe, "
+        "image-only, late-fusion, late-fusion-mlp, lora, product-fusion, question-only"]
+
+
+@pytest.mark.parametrize("name", ["hmmoe", "ganet", "lora"])
+def test_the_deploy_form_answers_as_the_trained_model(vqa_backbone, vqa_manifest, name):
+    """The form the two-input export will take (text tower kept, no question cache, LoRA
+    merged, HMMoE's dense gates, GA-Net's frozen bank side) gives the same logits."""
+    torch.manual_seed(0)
+    splits = make_splits(load_labeled(str(vqa_manifest)), shots=2, val_per_class=1,
+                         test_per_class=1, seed=0)
+    backbone = vqa_backbone()
+    model = build(name, backbone, splits.class_names)
+    split = decode(splits.train, backbone, "decode")
+    if model.needs_bank:
+        loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
+    _fit(model, split, steps=3)
+    batch = split.batch(torch.arange(len(split)))
+    with torch.no_grad():
+        trained = loop.logits_of(model.eval(), batch)
+        deployed = loop.logits_of(model.to_deploy(), batch)
+    assert model.backbone.text is not None
+    torch.testing.assert_close(deployed, trained, rtol=1e-4, atol=1e-4)
