@@ -29,6 +29,9 @@ def test_upload_and_classify_in_chromium(server, image_dir, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(server.url)
+            # Gradio renders its components after the page loads; a file set on the input
+            # before its component is mounted is dropped (seen on a loaded machine)
+            page.get_by_role("button", name="Classify").wait_for()
             page.set_input_files("input[type=file]", str(image))
             page.get_by_text(image.name).first.wait_for()  # the upload has landed
             page.get_by_role("button", name="Classify").click()
