@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +26,58 @@ from .service import Classifier, Prediction
 TABLE_HEADERS = ["file", "label", "score", "error"]
 
 
+@dataclass
+class _ClassifyTab:
+    """The Classify tab's components that a page wires to its own classify function."""
+
+    files: gr.File
+    button: gr.Button
+    examples_slot: gr.Column  # filled by the page: examples need the outputs
+    outputs: list  # label, status, gallery, table, and the rows' state
+
+
+def _classify_tab(top_k: int, above_files: gr.Component | None = None) -> _ClassifyTab:
+    """Upload and results side by side; `above_files` (made with `render=False`) is shown
+    over the uploads. A click on a thumbnail shows that image's classes."""
+
+    def select(predicted: list[dict], event: gr.SelectData):  # Gradio reads the annotation
+        return _label_value(predicted[event.index])
+
+    rows = gr.State([])
+    with gr.Tab("Classify"), gr.Row():
+        with gr.Column():
+            if above_files is not None:
+                above_files.render()
+            files = gr.File(label="Images", file_count="multiple", type="filepath")
+            button = gr.Button("Classify", variant="primary")
+            examples_slot = gr.Column()
+        with gr.Column():
+            label = gr.Label(label="Top classes", num_top_classes=top_k)
+            status = gr.Markdown()
+            gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
+                                 height=280, object_fit="contain", allow_preview=False)
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
+                                 interactive=False, wrap=True)
+    gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private", queue=False)
+    return _ClassifyTab(files, button, examples_slot, [label, status, gallery, table, rows])
+
+
+def _uploads(paths: list[str] | None, cache: str) -> list[tuple[str, bytes]]:
+    return [(Path(p).name, uploaded_file(p, cache)) for p in paths or []]
+
+
+def _shown(result: Prediction, uploads: list, cache: str, status_prefix: str = "") -> tuple:
+    """A classification's outputs, in `_ClassifyTab.outputs`' order; unreadable files are
+    a warning, the rest is shown."""
+    if result.errors:
+        gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
+                   + "; ".join(result.errors))
+    thumbnails = [(save_thumbnail(image, cache), caption)
+                  for image, caption in result.thumbnails]
+    return (_label_value(result.predicted[0]), status_prefix + status_markdown(result),
+            thumbnails, _table(result.rows), result.predicted)
+
+
 def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = "",
              show_paths: bool = False) -> gr.Blocks:
     """The page; the request queue and limits are set by the server that mounts it."""
@@ -33,54 +86,30 @@ def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = 
 
     def classify(paths: list[str] | None):
         try:
-            uploads = [(Path(p).name, uploaded_file(p, blocks.GRADIO_CACHE))
-                       for p in paths or []]
+            uploads = _uploads(paths, blocks.GRADIO_CACHE)
             result = classifier.classify(uploads)
         except MmdeployError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        if result.errors:
-            gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
-                       + "; ".join(result.errors))
-        thumbnails = [(save_thumbnail(image, blocks.GRADIO_CACHE), caption)
-                      for image, caption in result.thumbnails]
-        return (_label_value(result.predicted[0]), status_markdown(result),
-                thumbnails, _table(result.rows), result.predicted)
-
-    def select(predicted: list[dict], event: gr.SelectData):
-        return _label_value(predicted[event.index])
+        return _shown(result, uploads, blocks.GRADIO_CACHE)
 
     # Uploads and thumbnails are files in Gradio's cache: sweep those older than 10 minutes
     # every minute, or a long-running server fills its disk.
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 600)) as blocks:
         gr.Markdown(f"## {title}\n{len(classifier.class_names)} classes, served by "
                     f"**{classifier.backend}**. Limits: {classifier.limits.describe()}.")
-        rows = gr.State([])
-        with gr.Tab("Classify"), gr.Row():
-            with gr.Column():
-                files = gr.File(label="Images", file_count="multiple", type="filepath")
-                button = gr.Button("Classify", variant="primary")
-                examples_slot = gr.Column()  # filled below: examples need the outputs
-            with gr.Column():
-                label = gr.Label(label="Top classes", num_top_classes=classifier.limits.top_k)
-                status = gr.Markdown()
-                gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
-                                     height=280, object_fit="contain", allow_preview=False)
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
-                                     interactive=False, wrap=True)
+        tab = _classify_tab(classifier.limits.top_k)
         with gr.Tab("Run"):
             gr.Markdown(run_markdown(classifier, details))
-        outputs = [label, status, gallery, table, rows]
-        with examples_slot:
+        with tab.examples_slot:
             if examples:
-                gr.Examples([[[str(path)]] for path in examples], inputs=[files],
-                            outputs=outputs, fn=classify, run_on_click=True,
+                gr.Examples([[[str(path)]] for path in examples], inputs=[tab.files],
+                            outputs=tab.outputs, fn=classify, run_on_click=True,
                             cache_examples=False,
                             label="Examples from the run's held-out test split (click to run)")
             elif examples_note:
                 gr.Markdown(examples_note)
-        button.click(classify, inputs=[files], outputs=outputs, api_name="classify")
-        gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private",
-                       queue=False)
+        tab.button.click(classify, inputs=[tab.files], outputs=tab.outputs,
+                         api_name="classify")
     return blocks
 
 
@@ -92,22 +121,11 @@ def build_adapters_ui(service, examples: list[Path], examples_note: str = "",
 
     def classify(paths: list[str] | None, adapter: str | None):
         try:
-            uploads = [(Path(p).name, uploaded_file(p, blocks.GRADIO_CACHE))
-                       for p in paths or []]
+            uploads = _uploads(paths, blocks.GRADIO_CACHE)
             name, result = service.classify(uploads, adapter, thumbnails=True)
         except MmdeployError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        if result.errors:
-            gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
-                       + "; ".join(result.errors))
-        thumbnails = [(save_thumbnail(image, blocks.GRADIO_CACHE), caption)
-                      for image, caption in result.thumbnails]
-        return (_label_value(result.predicted[0]),
-                f"adapter **{name}**, {status_markdown(result)}", thumbnails,
-                _table(result.rows), result.predicted)
-
-    def select(predicted: list[dict], event: gr.SelectData):
-        return _label_value(predicted[event.index])
+        return _shown(result, uploads, blocks.GRADIO_CACHE, f"adapter **{name}**, ")
 
     def refresh():
         return (gr.update(choices=service.adapters, value=service.default),
@@ -117,35 +135,21 @@ def build_adapters_ui(service, examples: list[Path], examples_note: str = "",
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 600)) as blocks:
         gr.Markdown(f"## {title}\nServed by **{service.backend}**. Limits: "
                     f"{service.limits.describe()}.")
-        rows = gr.State([])
-        with gr.Tab("Classify"), gr.Row():
-            with gr.Column():
-                adapter = gr.Dropdown(service.adapters, value=service.default,
-                                      label="Adapter", allow_custom_value=True)
-                files = gr.File(label="Images", file_count="multiple", type="filepath")
-                button = gr.Button("Classify", variant="primary")
-                examples_slot = gr.Column()
-            with gr.Column():
-                label = gr.Label(label="Top classes", num_top_classes=service.limits.top_k)
-                status = gr.Markdown()
-                gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
-                                     height=280, object_fit="contain", allow_preview=False)
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
-                                     interactive=False, wrap=True)
+        adapter = gr.Dropdown(service.adapters, value=service.default, label="Adapter",
+                              allow_custom_value=True, render=False)
+        tab = _classify_tab(service.limits.top_k, adapter)
         with gr.Tab("Adapters"):
             listing = gr.Markdown(adapters_markdown(service.describe(show_paths)))
-        outputs = [label, status, gallery, table, rows]
-        with examples_slot:
+        with tab.examples_slot:
             if examples:
-                gr.Examples([[[str(path)]] for path in examples], inputs=[files],
-                            outputs=outputs, fn=lambda paths: classify(paths, None),
+                gr.Examples([[[str(path)]] for path in examples], inputs=[tab.files],
+                            outputs=tab.outputs, fn=lambda paths: classify(paths, None),
                             run_on_click=True, cache_examples=False,
                             label="Examples from the default adapter's held-out test split")
             elif examples_note:
                 gr.Markdown(examples_note)
-        button.click(classify, inputs=[files, adapter], outputs=outputs, api_name="classify")
-        gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private",
-                       queue=False)
+        tab.button.click(classify, inputs=[tab.files, adapter], outputs=tab.outputs,
+                         api_name="classify")
         blocks.load(refresh, outputs=[adapter, listing], api_visibility="private",
                     queue=False)
     return blocks

@@ -30,6 +30,7 @@ import json
 import platform
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from mmdeploy.bench.real_pair import real_pair
@@ -74,12 +75,18 @@ def train_one(adapter: str, shots: int, seed: int, lr: float, spec: str, backbon
 
 
 def compare(adapters: list[str], shots: list[int], seeds: list[int], lrs: list[float],
-            spec: str, backbone: str, options: dict, workdir: Path) -> list[dict]:
-    """Every row trained; `kept` marks the runs of the chosen rate (all but the sweep's)."""
+            spec: str, backbone: str, options: dict, workdir: Path,
+            train: Callable[..., dict] = train_one, log: Path | None = None) -> list[dict]:
+    """Every row trained by `train` (a `train_one`); `kept` marks the runs of the chosen
+    rate (all but the sweep's). Each row is printed, and appended to `log` when given, as
+    it comes (a long run can be read while it goes)."""
     rows = []
 
     def run(adapter, s, seed, lr):
-        rows.append(train_one(adapter, s, seed, lr, spec, backbone, options, workdir))
+        rows.append(train(adapter, s, seed, lr, spec, backbone, options, workdir))
+        if log is not None:
+            with open(log, "a") as handle:
+                handle.write(json.dumps(rows[-1]) + "\n")
         print(json.dumps(rows[-1]), flush=True)
         return rows[-1]
 

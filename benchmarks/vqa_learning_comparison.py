@@ -26,7 +26,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from learning_comparison import parse_sets, table
+from learning_comparison import compare, parse_sets, table
 
 from mmdeploy.bench.real_pair import real_pair
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
@@ -67,33 +67,6 @@ def train_one(adapter: str, shots: int, seed: int, lr: float, spec: str, backbon
             "phase_seconds": result.phase_seconds}
 
 
-def compare(adapters: list[str], shots: list[int], seeds: list[int], lrs: list[float],
-            spec: str, backbone: str, options: dict, workdir: Path, log: Path) -> list[dict]:
-    """Every row trained; `kept` marks the runs of the chosen rate (all but the sweep's).
-    Each row is appended to `log` as it comes (a long run can be read while it goes)."""
-    rows = []
-
-    def run(adapter, s, seed, lr):
-        rows.append(train_one(adapter, s, seed, lr, spec, backbone, options, workdir))
-        with open(log, "a") as handle:
-            handle.write(json.dumps(rows[-1]) + "\n")
-        print(json.dumps(rows[-1]), flush=True)
-        return rows[-1]
-
-    for s in shots:
-        for adapter in adapters:
-            sweep = []
-            for lr in sorted(lrs):
-                sweep.append(run(adapter, s, seeds[0], lr))
-                if len(sweep) > 1 and sweep[-1]["val_accuracy"] < sweep[-2]["val_accuracy"]:
-                    break
-            best = max(sweep, key=lambda row: row["val_accuracy"])  # first on ties
-            best["kept"] = True
-            for seed in seeds[1:]:
-                run(adapter, s, seed, best["lr"])["kept"] = True
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +93,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mmdeploy-vqa-learning-") as workdir:
         rows = compare(adapters, shots, seeds, lrs, spec, args.backbone, options,
-                       Path(workdir), args.out / f"{stem}.rows.jsonl")
+                       Path(workdir), train_one, args.out / f"{stem}.rows.jsonl")
     shown = [a for a in ADAPTERS if any(r["adapter"] == a for r in rows)]
     markdown = table(rows, shown, sorted({r["shots"] for r in rows}, key=lambda s: s or 1e9))
     (args.out / f"{stem}.json").write_text(json.dumps(
