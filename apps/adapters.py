@@ -101,16 +101,19 @@ class AdapterMetrics:
         self.requests.labels(adapter).inc()
         self.images.labels(adapter).inc(images)
         self.latency.labels(adapter).observe(seconds)
+        errors = self.errors.labels(adapter)  # a series at 0 from the first request on
         if failed:
-            self.errors.labels(adapter).inc()
+            errors.inc()
 
     def snapshot(self, adapter: str) -> dict[str, int]:
         """This adapter's counts so far (for /adapters and /health)."""
-        def value(counter: Counter) -> int:
-            return int(counter.labels(adapter)._value.get())
+        def value(metric: str) -> int:
+            found = self.registry.get_sample_value(f"{metric}_total", {"adapter": adapter})
+            return int(found or 0)  # None: nothing counted for this adapter yet
 
-        return {"requests": value(self.requests), "images": value(self.images),
-                "failed": value(self.errors)}
+        return {"requests": value("mmdeploy_adapter_requests"),
+                "images": value("mmdeploy_adapter_images"),
+                "failed": value("mmdeploy_adapter_errors")}
 
 
 @dataclass
