@@ -65,7 +65,11 @@ def train_one(adapter: str, shots: int, seed: int, lr: float, spec: str, backbon
                    val_per_class=recipe["val_per_class"],
                    test_per_class=recipe["test_per_class"]),
         TrainConfig(epochs=epochs, lr=lr, batch_size=recipe["batch_size"], seed=seed))
-    result = run_training(prepared)
+    return result_row(adapter, shots, seed, lr, run_training(prepared))
+
+
+def result_row(adapter: str, shots: int, seed: int, lr: float, result) -> dict:
+    """One row of the table: a run's settings and what its training gave."""
     return {"adapter": adapter, "shots": shots, "seed": seed, "lr": lr,
             "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test_accuracy,
             "trainable": result.parameters["trainable"],
@@ -169,30 +173,40 @@ def _epochs(recipe: dict, adapter: str) -> int:
     return epochs[adapter] if isinstance(epochs, dict) else epochs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="real", choices=sorted(RECIPES))
-    parser.add_argument("--adapters", default=",".join(ADAPTERS))
-    parser.add_argument("--shots", default="4,16", help="comma-separated; 0 = full")
+def add_arguments(parser: argparse.ArgumentParser, backbones: list[str],
+                  adapters: tuple[str, ...], shots: str, lrs: str) -> None:
+    """The options every learning comparison takes (this one and the vqa one)."""
+    parser.add_argument("--backbone", default="real", choices=backbones)
+    parser.add_argument("--adapters", default=",".join(adapters))
+    parser.add_argument("--shots", default=shots, help="comma-separated; 0 = full")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lrs", default="1e-3,1e-2,1e-1",
-                        help="the sweep, on the first seed, ascending")
+    parser.add_argument("--lrs", default=lrs, help="the sweep, on the first seed, ascending")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         metavar="ADAPTER.OPTION=VALUE", help="an option over the defaults")
-    parser.add_argument("--reuse", type=Path, action="append", default=[],
-                        help="an earlier results file (see above); repeatable, first wins")
     parser.add_argument("--tag", help="added to the results' file name")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    adapters = args.adapters.split(",")
-    shots = [int(s) for s in args.shots.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = [float(lr) for lr in args.lrs.split(",")]
-    options = {**OPTIONS.get(args.backbone, {})}
+
+
+def settings(args: argparse.Namespace, default_options: dict) -> tuple:
+    """(adapters, shots, seeds, lrs, options, backbone spec) from `add_arguments`' options;
+    the real pair is built (or found) here."""
+    options = {**default_options.get(args.backbone, {})}
     for adapter, values in parse_sets(args.sets).items():
         options[adapter] = {**options.get(adapter, {}), **values}
     spec = real_pair().spec if args.backbone == "real" else args.backbone
+    return (args.adapters.split(","), [int(s) for s in args.shots.split(",")],
+            [int(s) for s in args.seeds.split(",")], [float(lr) for lr in args.lrs.split(",")],
+            options, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, sorted(RECIPES), ADAPTERS, shots="4,16", lrs="1e-3,1e-2,1e-1")
+    parser.add_argument("--reuse", type=Path, action="append", default=[],
+                        help="an earlier results file (see above); repeatable, first wins")
+    args = parser.parse_args()
+    adapters, shots, seeds, lrs, options, spec = settings(args, OPTIONS)
     with tempfile.TemporaryDirectory(prefix="mmdeploy-learning-") as workdir:
         rows = compare(adapters, shots, seeds, lrs, spec, args.backbone, options,
                        Path(workdir))

@@ -26,9 +26,8 @@ import platform
 import tempfile
 from pathlib import Path
 
-from learning_comparison import compare, parse_sets, table
+from learning_comparison import add_arguments, compare, result_row, settings, table
 
-from mmdeploy.bench.real_pair import real_pair
 from mmdeploy.config import BackboneConfig, DataConfig, TrainConfig
 from mmdeploy.data import EASY_VQA
 from mmdeploy.trainers.run import new_run, run_training
@@ -58,36 +57,15 @@ def train_one(adapter: str, shots: int, seed: int, lr: float, spec: str, backbon
         DataConfig(source=EASY_VQA, shots=shots, split_seed=seed,
                    val_per_class=recipe["val_per_class"]),
         TrainConfig(epochs=epochs, lr=lr, batch_size=recipe["batch_size"], seed=seed))
-    result = run_training(prepared)
-    return {"adapter": adapter, "shots": shots, "seed": seed, "lr": lr,
-            "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test_accuracy,
-            "trainable": result.parameters["trainable"],
-            "trainable_share": result.parameters["trainable_share"],
-            "steps": result.steps, "seconds": round(result.seconds, 1),
-            "phase_seconds": result.phase_seconds}
+    return result_row(adapter, shots, seed, lr, run_training(prepared))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="real", choices=sorted(RECIPES))
-    parser.add_argument("--adapters", default=",".join(ADAPTERS))
-    parser.add_argument("--shots", default="16,0", help="comma-separated; 0 = full")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lrs", default="1e-3,1e-2", help="the sweep, on the first seed")
-    parser.add_argument("--set", dest="sets", action="append", default=[],
-                        metavar="ADAPTER.OPTION=VALUE", help="an option over the defaults")
-    parser.add_argument("--tag", help="added to the results' file name")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_arguments(parser, sorted(RECIPES), ADAPTERS, shots="16,0", lrs="1e-3,1e-2")
     args = parser.parse_args()
-    adapters = args.adapters.split(",")
-    shots = [int(s) for s in args.shots.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = [float(lr) for lr in args.lrs.split(",")]
-    options = {**OPTIONS.get(args.backbone, {})}
-    for adapter, values in parse_sets(args.sets).items():
-        options[adapter] = {**options.get(adapter, {}), **values}
-    spec = real_pair().spec if args.backbone == "real" else args.backbone
+    adapters, shots, seeds, lrs, options, spec = settings(args, OPTIONS)
     stem = f"{datetime.date.today().isoformat()}-{platform.node()}-vqa-{args.backbone}"
     stem += f"-{args.tag}" if args.tag else ""
     args.out.mkdir(parents=True, exist_ok=True)
