@@ -21,12 +21,9 @@ import pytest
 
 from mmdeploy.images import load_image
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
-from mmdeploy.runtime.shared import SharedPredictor
 
 pytest.importorskip("prometheus_client", reason="the ui extra is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from mmdeploy.apps.adapters import AdapterService, AddRefused  # noqa: E402
 
 BATCH_WAIT_MS = 50  # long enough that requests sent together share a trunk pass
 
@@ -227,13 +224,25 @@ def test_shutdown_leaves_no_process_behind(server):
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
-def test_adding_is_refused_without_allow_add(shared_dir, tiny_run):
-    service = AdapterService(SharedPredictor(shared_dir))
+def test_adding_is_refused_without_allow_add(launch, shared_dir, tiny_run, tmp_path):
+    """Over HTTP, on a live server started without --allow-add: a client naming a path on
+    the server is refused (403) in one line that shows no server path, and nothing changes.
+    """
+    before = {p.name: p.stat().st_mtime_ns for p in shared_dir.iterdir()}
+    served = launch(shared_dir, tmp_path, 16, shared=True)
     try:
-        with pytest.raises(AddRefused, match="start the server with --allow-add"):
-            service.add(str(tiny_run))
+        listed = httpx.get(served.url + "adapters", timeout=10).json()["adapters"]
+        answer = httpx.post(served.url + "adapters", json={"run": str(tiny_run)}, timeout=30)
+        after = httpx.get(served.url + "adapters", timeout=10).json()["adapters"]
     finally:
-        service.close()
+        code, _, err = served.stop(signal.SIGTERM)
+    assert answer.status_code == 403, answer.text
+    error = answer.json()["error"]
+    assert "start the server with --allow-add" in error and "\n" not in error
+    assert str(tiny_run) not in answer.text and str(shared_dir) not in answer.text
+    assert after == listed
+    assert {p.name: p.stat().st_mtime_ns for p in shared_dir.iterdir()} == before
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("args, fragment", [
