@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mmdeploy.artifacts import ExportRecord, Manifest, RunDir, installed_versions
-from mmdeploy.backbone import _short, load_backbone, torch_device
+from mmdeploy.backbone import identity_summary, load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, BackboneMismatchError, ConfigError
 from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
@@ -185,8 +185,9 @@ def add_to_shared(shared_dir: Path, run_path: Path,
     if run.config.backbone_identity != first.details["backbone_identity"]:
         raise BackboneMismatchError(
             f"{run.name} was trained on another backbone "
-            f"({_short(run.config.backbone_identity)}) than this trunk's "
-            f"({_short(first.details['backbone_identity'])}): one trunk serves one backbone")
+            f"({identity_summary(run.config.backbone_identity)}) than this trunk's "
+            f"({identity_summary(first.details['backbone_identity'])}): one trunk serves one "
+            "backbone")
     exported = [manifest.record(run.record_name(fmt)) for fmt in trunks]
     if all(record is not None and record.details["run"] == str(run.path.resolve())
            and record.details["weights_sha256"] == run.config.weights_sha256

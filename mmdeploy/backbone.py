@@ -204,8 +204,8 @@ def load_backbone(config: BackboneConfig, expected_identity: dict | None = None)
             backbone.identity = {**backbone.identity, "revisions": revisions}
     if expected_identity is not None and backbone.identity != expected_identity:
         raise BackboneMismatchError(
-            f"this adapter was trained on backbone {_short(expected_identity)} but "
-            f"{config.spec!r} is {_short(backbone.identity)}")
+            f"this adapter was trained on backbone {identity_summary(expected_identity)} but "
+            f"{config.spec!r} is {identity_summary(backbone.identity)}")
     return backbone
 
 
@@ -227,7 +227,8 @@ def _checkpoint_dirs(spec: str) -> tuple[list[Path], dict[str, str]]:
     return folders, revisions
 
 
-def _short(identity: dict) -> str:
+def identity_summary(identity: dict) -> str:
+    """A backbone identity in one short phrase, for messages that name two of them."""
     return f"config {identity['config_sha256'][:12]}, weights {identity['weights_sha256'][:12]}"
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmdeploy.backbone import Backbone, _short
+from mmdeploy.backbone import Backbone, identity_summary
 from mmdeploy.errors import BackboneMismatchError, ConfigError
 
 from .base import AdaptedModel
@@ -33,8 +33,9 @@ def refuse_other_backbones(identities: Mapping[str, dict]) -> None:
     for name, other in others:
         if other != identity:
             raise BackboneMismatchError(
-                f"{name} (backbone {_short(other)}) and {first} (backbone {_short(identity)}) "
-                "were trained on different backbones: one trunk serves one backbone")
+                f"{name} (backbone {identity_summary(other)}) and {first} (backbone "
+                f"{identity_summary(identity)}) were trained on different backbones: one trunk "
+                "serves one backbone")
 
 
 def trunk_block(models: Mapping[str, AdaptedModel]) -> int:

@@ -41,7 +41,8 @@ def cached_split(model, samples: list[Sample], device: str, autocast: AbstractCo
     `CHUNK` at a time (the decoded pixels of a whole split are never held); a vqa split
     holds each distinct image once, whatever the number of questions asked of it."""
     model.eval()
-    images = distinct_images(samples)[0] if asks_questions(samples) else samples
+    images, image_index = (distinct_images(samples) if asks_questions(samples)
+                           else (samples, None))
     storage = None
     start = 0
     for pixels in pixel_chunks(images, model.backbone, desc, CHUNK):
@@ -52,8 +53,8 @@ def cached_split(model, samples: list[Sample], device: str, autocast: AbstractCo
                                 spill_path, memory_limit_bytes)
         storage[start:start + len(features)] = features
         start += len(features)
-    if images is not samples:
-        return vqa_split(storage, distinct_images(samples)[1], samples, model.backbone)
+    if image_index is not None:
+        return vqa_split(storage, image_index, samples, model.backbone)
     return Split(storage, *labels_and_captions(samples))
 
 
