@@ -148,11 +148,19 @@ class Backbone(nn.Module):
         last_state_norm = getattr(self.vision, "layernorm", None)
         return last_state_norm(cls) if last_state_norm is not None else cls
 
+    @property
+    def max_text_length(self) -> int:
+        """The most tokens a text keeps: the tokenizer's limit, or the text tower's position
+        table where the tokenizer sets none (or a larger one)."""
+        positions = getattr(self.text.config, "max_position_embeddings", None)
+        return min(self.tokenizer.model_max_length, positions or self.tokenizer.model_max_length)
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, on the text tower's device."""
+        """Token ids and attention mask, on the text tower's device; each text cut at
+        `max_text_length` tokens (serving cuts alike: `mmdeploy.questions`)."""
         device = next(self.text.parameters()).device
         tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                return_token_type_ids=False)
+                                max_length=self.max_text_length, return_token_type_ids=False)
         return {name: tensor.to(device) for name, tensor in tokens.items()}
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:

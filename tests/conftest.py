@@ -8,6 +8,7 @@ per session in a temporary cache instead of the user's ~/.cache.
 from __future__ import annotations
 
 import atexit
+import csv
 import hashlib
 import os
 import shutil
@@ -16,8 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 _CACHE = tempfile.mkdtemp(prefix="mmdeploy-test-cache-")
 atexit.register(lambda: shutil.rmtree(_CACHE, ignore_errors=True))
@@ -265,3 +267,57 @@ def towers(tmp_path_factory):
         return built[depth]
 
     return spec
+
+
+# -- a small generated vqa set: one coloured shape per image, template questions about it --
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
+SHAPES = ("circle", "square")
+IMAGES_PER_KIND = 5
+
+
+def questions_about(colour: str, shape: str) -> list[tuple[str, str]]:
+    return [("what color is the shape?", colour), ("what is the shape?", shape),
+            ("is there a red shape?", "yes" if colour == "red" else "no"),
+            ("does the image contain a circle?", "yes" if shape == "circle" else "no")]
+
+
+def write_vqa_set(folder: Path) -> Path:
+    """30 images (3 colours x 2 shapes x 5 positions) and their `path,question,answer`
+    manifest, 4 questions per image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for index in range(IMAGES_PER_KIND):
+                image = Image.new("RGB", (64, 64), (255, 255, 255))
+                draw = ImageDraw.Draw(image)
+                x, y = rng.integers(4, 28, size=2)
+                box = (int(x), int(y), int(x) + 30, int(y) + 30)
+                (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb)
+                name = f"{colour}-{shape}-{index}.png"
+                image.save(folder / name)
+                rows += [(name, q, a) for q, a in questions_about(colour, shape)]
+    manifest = folder / "vqa.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "question", "answer"])
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def vqa_manifest(tmp_path_factory) -> Path:
+    return write_vqa_set(tmp_path_factory.mktemp("vqa"))
+
+
+@pytest.fixture(scope="session")
+def vqa_run(vqa_manifest, tmp_path_factory) -> Path:
+    """One vqa HMMoE run per session (image + question -> answer), a few steps on the tiny
+    backbone, not exported. Read-only: copy it before changing anything."""
+    path = tmp_path_factory.mktemp("runs") / "vqa-hmmoe"
+    train = run_cli(["train", "--adapter", "hmmoe", "--data", vqa_manifest, "--out", path,
+                     "--shots", 2, "--val-per-class", 1, "--test-per-class", 1,
+                     "--max-steps", 6, "--batch-size", 8])
+    assert train.code == 0, str(train)
+    return path

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backbone import default_cache_dir
 from ..errors import ArtifactError, BackendUnavailableError, ConfigError
-from ..interface import INPUT_NAME
+from ..interface import INPUT_NAME, QUESTION_INPUT_NAMES
 from .base import Predictor
 from .records import SERVING_PRECISIONS
 
@@ -121,7 +121,7 @@ def create_session(path: Path, threads: int | None = None,
 
 class OnnxSession:
     """An exported graph in ONNX Runtime: its one input in (pixel_values; a shared trunk's
-    features for a branch), outputs by name.
+    features for a branch), or all its inputs by name (`run_feeds`), outputs by name.
 
     On a GPU provider the input is copied to the device once and the outputs are bound on
     the device (IO binding), so onnxruntime does not stage them through host buffers of
@@ -131,7 +131,8 @@ class OnnxSession:
     def __init__(self, path: Path, threads: int | None = None,
                  profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True):
         self.session = create_session(path, threads, profile, arena)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_name = self.input_names[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.provider = self.session.get_providers()[0]
 
@@ -140,11 +141,15 @@ class OnnxSession:
         return self.provider != CPU_PROVIDER
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run_feeds({self.input_name: pixel_values})
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.on_gpu:
-            outputs = self.session.run(self.output_names, {self.input_name: pixel_values})
+            outputs = self.session.run(self.output_names, feeds)
         else:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(self.input_name, pixel_values)
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
             for name in self.output_names:
                 binding.bind_output(name, "cuda")
             self.session.run_with_iobinding(binding)
@@ -178,3 +183,9 @@ class OnnxRuntimePredictor(Predictor):
 
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         return self.session(pixel_values)
+
+    def run_questions(self, pixel_values: np.ndarray, input_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return self.session.run_feeds(dict(zip(
+            (INPUT_NAME, *QUESTION_INPUT_NAMES), (pixel_values, input_ids, attention_mask),
+            strict=True)))

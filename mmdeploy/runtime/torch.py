@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..backbone import torch_device
+from ..questions import QuestionTokenizer
 from ..runs import load_model
 from .base import Predictor
 
@@ -26,8 +28,20 @@ class TorchPredictor(Predictor):
     def describe(self) -> str:
         return f"torch ({self.device})"
 
-    @torch.inference_mode()
+    @cached_property
+    def question_tokenizer(self) -> QuestionTokenizer:
+        backbone = self.model.backbone
+        return QuestionTokenizer(backbone.tokenizer, backbone.max_text_length)
+
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        logits, embeddings = self.model(torch.from_numpy(pixel_values).to(self.device))
+        return self._run(pixel_values)
+
+    def run_questions(self, pixel_values: np.ndarray, input_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run(pixel_values, input_ids, attention_mask)
+
+    @torch.inference_mode()
+    def _run(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        logits, embeddings = self.model(*(torch.from_numpy(x).to(self.device) for x in inputs))
         return {"logits": logits.float().cpu().numpy(),
                 "embeddings": embeddings.float().cpu().numpy()}
