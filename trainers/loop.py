@@ -27,6 +27,7 @@ from mmdeploy.data import Splits
 from mmdeploy.errors import MmdeployError
 from mmdeploy.runs import RunConfig, build_model
 
+from . import vqa
 from .checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from .frozen_cache import cached_split, check_split_forward
 from .losses import EWC
@@ -59,42 +60,10 @@ def logits_of(model, split: Split, device: str = "cpu") -> torch.Tensor:
 def accuracy(model, split: Split, batch_size: int, device: str = "cpu") -> float:
     model.eval()
     if split.image_index is not None and not model.image_reads_question:
-        return _vqa_accuracy_per_image(model, split, batch_size, device)
+        return vqa.accuracy_per_image(model, split, batch_size, device)
     correct = sum((logits_of(model, batch, device).argmax(-1).cpu() == batch.labels).sum().item()
                   for batch in split.batches(batch_size))
     return correct / max(len(split), 1)
-
-
-def _image_rows(model, split: Split, batch_size: int, device: str) -> torch.Tensor:
-    """Pooled image features of each distinct image of a vqa split [images, Di]."""
-    return torch.cat([model.image_features(split.inputs[i:i + batch_size].to(device))
-                      for i in range(0, len(split.inputs), batch_size)])
-
-
-def _vqa_accuracy_per_image(model, split: Split, batch_size: int, device: str) -> float:
-    """`accuracy` of a vqa model whose image features do not depend on the question: each
-    image goes through the image tower once, whatever the number of questions asked of it
-    (the same logits as the forward on every question, computed once per image)."""
-    image = _image_rows(model, split, batch_size, device)
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        ids = torch.arange(start, min(start + batch_size, len(split)))
-        batch = split.batch(ids)
-        question = model.encode_question(batch.input_ids.to(device),
-                                         batch.attention_mask.to(device))[0]
-        logits = model.answer(image[split.image_index[ids].to(device)], question)[0]
-        correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
-    return correct / max(len(split), 1)
-
-
-@torch.no_grad()
-def _build_vqa_bank(model, split: Split, batch_size: int, device: str, seed: int) -> None:
-    """GA-Net's bank from a vqa training split: each question's [image ; question] node."""
-    image = _image_rows(model, split, batch_size, device)[split.image_index.to(device)]
-    question = torch.cat([model.encode_question(batch.input_ids.to(device),
-                                                batch.attention_mask.to(device))[0]
-                          for batch in split.batches(batch_size)])
-    model.build_vqa_bank(image, question, split.labels, seed)
 
 
 class PhaseClock:
@@ -142,13 +111,13 @@ def train(run: RunConfig, run_dir: RunDir, backbone: Backbone, splits: Splits,
     train_split, val_split = _training_inputs(model, cfg, run_dir, backbone, splits, device,
                                               autocast)
     clock.begin("train")
-    if model.needs_bank and train_split.image_index is not None:  # vqa
-        model.eval()
-        _build_vqa_bank(model, train_split, cfg.batch_size, device, cfg.seed)
-        save_safetensors(run_dir.bank_path, model.bank_state_dict(),
-                         metadata={"adapter": type(model).__name__})
-    elif model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
-        model.build_bank(train_split.inputs, train_split.labels, train_split.captions, cfg.seed)
+    if model.needs_bank:  # deterministic: a resumed run rebuilds the very same bank
+        if train_split.image_index is not None:  # vqa
+            model.eval()
+            vqa.build_bank(model, train_split, cfg.batch_size, device, cfg.seed)
+        else:
+            model.build_bank(train_split.inputs, train_split.labels, train_split.captions,
+                             cfg.seed)
         save_safetensors(run_dir.bank_path, model.bank_state_dict(),
                          metadata={"adapter": type(model).__name__})
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)

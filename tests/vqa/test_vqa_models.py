@@ -18,6 +18,7 @@ from mmdeploy.models.hmmoe.layer import HMMoELayer
 from mmdeploy.registry import VQA_ADAPTERS, adapter_class
 from mmdeploy.runs import RunConfig
 from mmdeploy.trainers import loop
+from mmdeploy.trainers import vqa as vqa_training
 from mmdeploy.trainers.split import decode
 
 OPTIONS = {"hmmoe": {"num_layers": 2, "rank": 4}, "ganet": {"rank": 16, "k": 3},
@@ -105,7 +106,7 @@ def test_every_vqa_model_learns(vqa_backbone, vqa_manifest, name):
     model = build(name, backbone, splits.class_names)
     split = decode(splits.train, backbone, "decode")
     if model.needs_bank:
-        loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
+        vqa_training.build_bank(model.eval(), split, 8, "cpu", seed=0)
     losses = _fit(model, split)
     # One modality alone cannot tell the answers of different questions about one image (or
     # of one question about different images) apart: its loss has a floor well above zero
@@ -174,7 +175,7 @@ def test_the_deploy_form_answers_as_the_trained_model(vqa_backbone, vqa_manifest
     model = build(name, backbone, splits.class_names)
     split = decode(splits.train, backbone, "decode")
     if model.needs_bank:
-        loop._build_vqa_bank(model.eval(), split, 8, "cpu", seed=0)
+        vqa_training.build_bank(model.eval(), split, 8, "cpu", seed=0)
     _fit(model, split, steps=3)
     batch = split.batch(torch.arange(len(split)))
     with torch.no_grad():
