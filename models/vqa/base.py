@@ -9,6 +9,7 @@ two-input export takes: the text tower stays in the graph). The answers are the 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import ClassVar
 
 import torch
@@ -23,6 +24,10 @@ from .heads import ProductHead
 FUSION_WIDTH = 256  # the product head under the adapters (LoRA, HMMoE): ProductFusionConfig's
 
 QuestionStates = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
+QUESTION_CACHE_BYTES = 512 * 2**20
+"""The question cache's budget: easy-VQA's 107 questions take a few MB, but a manifest of
+free-form questions is mostly distinct ones, whose states at every depth would otherwise
+grow without bound; the least recently used are dropped (and recomputed if asked again)."""
 
 
 class VqaModel(AdaptedModel):
@@ -38,7 +43,8 @@ class VqaModel(AdaptedModel):
                  prompt_template: str = "{}"):
         # The "prompts" of a vqa model are the answers themselves (GA-Net's answer nodes).
         super().__init__(backbone, config, class_names, "{}")
-        self._question_cache: dict[tuple[int, ...], QuestionStates] = {}
+        self._question_cache: OrderedDict[tuple[int, ...], QuestionStates] = OrderedDict()
+        self._question_cache_bytes = 0
         self.fusion = self.build_head(backbone, len(class_names))
 
     def build_head(self, backbone: Backbone, answers: int) -> nn.Module | None:
@@ -67,8 +73,11 @@ class VqaModel(AdaptedModel):
                 pooled, states = self.backbone.encode_text(
                     {name: tensor[rows] for name, tensor in tokens.items()})
             for j, (key, row) in enumerate(missing.items()):
-                self._question_cache[key] = (pooled[j], tuple(s[j, real[row]] for s in states))
+                entry = (pooled[j], tuple(s[j, real[row]] for s in states))
+                self._question_cache[key] = entry
+                self._question_cache_bytes += _entry_bytes(entry)
         cached = [self._question_cache[key] for key in keys]
+        self._evict_questions(set(keys))
         pooled = torch.stack([c[0] for c in cached])
         states = []
         for depth, first in enumerate(cached[0][1]):
@@ -77,9 +86,20 @@ class VqaModel(AdaptedModel):
             states.append(padded)
         return pooled, tuple(states)
 
+    def _evict_questions(self, in_use: set[tuple[int, ...]]) -> None:
+        """Mark this batch's questions as recently used, then drop the least recently used
+        others until the cache fits `QUESTION_CACHE_BYTES` (a batch's own questions stay:
+        the cache may exceed its budget by one batch)."""
+        for key in in_use:
+            self._question_cache.move_to_end(key)
+        while self._question_cache_bytes > QUESTION_CACHE_BYTES and \
+                len(self._question_cache) > len(in_use):
+            self._question_cache_bytes -= _entry_bytes(self._question_cache.popitem(last=False)[1])
+
     def clear_caches(self) -> None:
         super().clear_caches()
-        self._question_cache = {}
+        self._question_cache = OrderedDict()
+        self._question_cache_bytes = 0
 
     # -- the forward pass ------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -115,3 +135,8 @@ class VqaModel(AdaptedModel):
         self.clear_caches()
         self.deployed = True
         return self
+
+
+def _entry_bytes(entry: QuestionStates) -> int:
+    pooled, states = entry
+    return sum(t.numel() * t.element_size() for t in (pooled, *states))

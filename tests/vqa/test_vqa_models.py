@@ -82,6 +82,30 @@ def test_the_question_cache_gives_what_the_text_tower_gives(vqa_backbone, vqa_ma
     torch.testing.assert_close(cached, tower, rtol=1e-4, atol=1e-5)
 
 
+def test_the_question_cache_keeps_to_its_budget(vqa_backbone, monkeypatch):
+    from mmdeploy.models.vqa import base
+
+    backbone = vqa_backbone()
+    model = build("product-fusion", backbone, ["yes", "no"]).eval()
+    questions = [f"is there a shape number {i}?" for i in range(12)]
+    tokens = backbone.tokenize(questions)
+    with torch.no_grad():
+        expected = backbone.encode_text(tokens)[0]
+        model.encode_question(tokens["input_ids"][:1], tokens["attention_mask"][:1])
+        one_entry = model._question_cache_bytes
+        monkeypatch.setattr(base, "QUESTION_CACHE_BYTES", 3 * one_entry)
+        for first in range(0, 12, 2):  # two new questions a batch: the oldest make room
+            pooled = model.encode_question(tokens["input_ids"][first:first + 2],
+                                           tokens["attention_mask"][first:first + 2])[0]
+            torch.testing.assert_close(pooled, expected[first:first + 2], rtol=1e-5,
+                                       atol=1e-6)
+            assert model._question_cache_bytes <= 3 * one_entry
+        assert len(model._question_cache) == 2  # a third would not fit beside two more
+        again = model.encode_question(tokens["input_ids"], tokens["attention_mask"])[0]
+    # a batch over the budget is answered all the same; its own questions are never dropped
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-6)
+
+
 def _fit(model, split, steps=8, lr=1e-2):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
