@@ -94,6 +94,8 @@ class SharedPredictor:
         self._weights = WeightPool()
         self.preprocessor = self._preprocessor(trunk, records, configs)
         self.trunk = self._load(trunk, threads)
+        self.device = trunk.device if self.backend == "aoti" else (
+            "cuda" if self.trunk.on_gpu else "cpu")
         self.branches = {name: self._branch(name, record, configs[name])
                          for name, record in records.items()}
         self._changing = threading.Lock()

@@ -249,6 +249,8 @@ def test_adding_is_refused_without_allow_add(launch, shared_dir, tiny_run, tmp_p
     (["RUN1", "RUN2"], "export --shared RUN1 RUN2"),
     (["RUN1", "--allow-add"], "--runs and --allow-add need --shared DIR"),
     (["--shared", "DIR", "RUN1"], "takes no RUN"),
+    (["--shared", "DIR", "--engine", "ray", "--allow-add"],
+     "--allow-add is for --engine gradio"),
 ])
 def test_bad_serve_invocations_are_one_line(cli, expect_error, tiny_run, shared_dir, args,
                                             fragment):
