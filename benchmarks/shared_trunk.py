@@ -56,7 +56,6 @@ from pathlib import Path
 import numpy as np
 from report import write_report
 
-from mmdeploy.apps.service import release_freed_memory
 from mmdeploy.artifacts import (
     RunDir,
     atomic_write_json,
@@ -69,6 +68,7 @@ from mmdeploy.artifacts import (
 from mmdeploy.backbone import default_cache_dir
 from mmdeploy.bench.vit_b16 import checkpoint_dir
 from mmdeploy.config import BackboneConfig, DataConfig, ExportConfig, TrainConfig
+from mmdeploy.runtime.memory import release_freed_memory
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 from mmdeploy.runtime.shared import SharedPredictor
 
