@@ -268,7 +268,11 @@ class WeightPool:
         """(name, OrtValue) for each large weight of graph `path`, from the pool."""
         import onnx
         from onnx import numpy_helper
-        from onnxruntime import OrtValue
+
+        from .onnxruntime import onnxruntime_required
+
+        with onnxruntime_required():
+            from onnxruntime import OrtValue
 
         try:
             graph = onnx.load(str(path)).graph
