@@ -40,6 +40,7 @@ from .service import (
     decode_uploads,
     fill_rows,
 )
+from .uploads import UploadRefused
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -59,6 +60,19 @@ class AddRefused(MmdeployError):
 class AddFailed(MmdeployError):
     """A run that could not be added (another backbone, an earlier cut, failed parity, not a
     run): 422, its message without server paths."""
+
+
+def http_status(exc: MmdeployError) -> int:
+    """The HTTP status a request failing with `exc` is answered with (either engine)."""
+    if isinstance(exc, UnknownAdapter):
+        return 404
+    if isinstance(exc, AdapterConflict):
+        return 409
+    if isinstance(exc, AddRefused):
+        return 403
+    if isinstance(exc, UploadRefused):
+        return exc.status
+    return 400 if isinstance(exc, InputError) else 422
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/[^\s'\"/]+/[^\s'\"]*")

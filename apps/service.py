@@ -9,12 +9,9 @@ and `rows.prediction_row` / `rows.error_row`; so it gets the row `infer` writes 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from ..images import MAX_IMAGE_PIXELS, ImageSource, Preprocessor, image_pixels, 
 from ..info import describe_run
 from ..rows import error_row, prediction_row
 from ..runtime import default_precision, load_predictor, pick_backend
+from ..runtime.memory import release_freed_memory
 
 THUMBNAIL_SIZE = 256
 
@@ -75,22 +73,6 @@ class Decoded:
     names: list[str] = field(default_factory=list)
     pixels: np.ndarray | None = None
     thumbnails: list[Image.Image] = field(default_factory=list)
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's `malloc_trim(0)`, or nothing where the C library has none."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-release_freed_memory = _malloc_trim()
-"""Hand memory freed after decoding an image back to the OS. glibc keeps freed blocks of a
-few MB (PIL's image blocks, numpy temporaries) in the freeing thread's arena, and Gradio
-runs requests on many threads: without this, each thread's arena would keep the largest
-image it decoded resident."""
 
 
 class PixelBudget:

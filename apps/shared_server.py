@@ -27,13 +27,13 @@ from gradio.route_utils import API_PREFIX
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..artifacts import RunDir
-from ..errors import InputError, MmdeployError
+from ..errors import MmdeployError
 from ..runs import load_run_config
-from .adapters import AdapterConflict, AdapterService, AddRefused, UnknownAdapter
+from .adapters import AdapterService, http_status
 from .examples import examples_or_reason
 from .server import ServeConfig, ServedApp, mount_page
 from .ui import build_adapters_ui
-from .uploads import UploadLimitMiddleware, UploadRefused, read_form
+from .uploads import UploadLimitMiddleware, read_form
 
 
 def _reads_own_body(method: str, path: str) -> bool:
@@ -65,17 +65,7 @@ class _Admission:
 
 
 def _error(exc: MmdeployError) -> JSONResponse:
-    if isinstance(exc, UnknownAdapter):
-        status = 404
-    elif isinstance(exc, AdapterConflict):
-        status = 409
-    elif isinstance(exc, AddRefused):
-        status = 403
-    elif isinstance(exc, UploadRefused):
-        status = exc.status
-    else:
-        status = 400 if isinstance(exc, InputError) else 422
-    return JSONResponse({"error": str(exc)}, status_code=status)
+    return JSONResponse({"error": str(exc)}, status_code=http_status(exc))
 
 
 def build_shared_app(service: AdapterService, config: ServeConfig,

@@ -9,7 +9,9 @@ the real shapes) on ONNX Runtime, CPU:
    one step (their weights only need to be non-zero), exported to ONNX on their own. The N
    adapters are copies of these two runs under N names, HMMoE and GA-Net alternating
    (hmmoe-0, ganet-1, hmmoe-2, ...): each copy gets its own branch file and its own
-   session, with equal weights (speed and memory depend on shapes, not on values).
+   session, and its own trainable weights (the base run's, shifted by a constant per copy:
+   the runtime shares weights between branches by content, so equal copies would share
+   their adapters too; speed depends on shapes, not on values).
 2. `export --shared` of the first N-1 (max N) adapters: one trunk (the tower up to block 8,
    where the HMMoE runs start adapting) and a branch each, each verified through the trunk
    (`exporters.shared.export_shared`). The last adapter is then added as a live server adds
@@ -54,10 +56,19 @@ from pathlib import Path
 import numpy as np
 from report import write_report
 
-from mmdeploy.apps.service import release_freed_memory
+from mmdeploy.artifacts import (
+    RunDir,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    safetensors_metadata,
+    save_safetensors,
+    sha256_file,
+)
 from mmdeploy.backbone import default_cache_dir
 from mmdeploy.bench.vit_b16 import checkpoint_dir
 from mmdeploy.config import BackboneConfig, DataConfig, ExportConfig, TrainConfig
+from mmdeploy.runtime.memory import release_freed_memory
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 from mmdeploy.runtime.shared import SharedPredictor
 
@@ -83,15 +94,37 @@ def base_run(folder: Path, adapter: str, batch_max: int) -> Path:
 
 
 def adapter_runs(folder: Path, bases: dict[str, Path], count: int) -> list[Path]:
-    """`count` adapters: copies of the base runs (without their exports), alternating."""
+    """`count` adapters: copies of the base runs (without their exports), alternating, each
+    with its own trainable weights (`distinct_weights`)."""
     runs = []
     for k in range(count):
         kind = KINDS[k % 2]
         path = folder / f"{kind}-{k}"
         if not path.exists():
-            shutil.copytree(bases[kind], path, ignore=shutil.ignore_patterns("export"))
+            staging = folder / f".{path.name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(bases[kind], staging, ignore=shutil.ignore_patterns("export"))
+            distinct_weights(staging, k)
+            staging.rename(path)
         runs.append(path)
     return runs
+
+
+def distinct_weights(run: Path, k: int) -> None:
+    """Shift every trainable weight of copy `k` by (k + 1) * 1e-3 and record the new sha256.
+
+    The serving side shares weights between branch sessions by content (the frozen blocks
+    every branch carries); copies with equal trainable weights would share those too and
+    flatter the memory figures. Shifted, each copy's adapter weights are its own, as two
+    trained runs' would be, and the frozen weights (not in the run's weights file) stay
+    the backbone's."""
+    run_dir = RunDir(run)
+    state = {name: tensor + (k + 1) * 1e-3 if tensor.is_floating_point() else tensor
+             for name, tensor in load_safetensors(run_dir.weights_path).items()}
+    save_safetensors(run_dir.weights_path, state, safetensors_metadata(run_dir.weights_path))
+    config = read_json(run_dir.config_path)
+    config["weights_sha256"] = sha256_file(run_dir.weights_path)
+    atomic_write_json(run_dir.config_path, config)
 
 
 def rss_mb() -> float:
@@ -246,7 +279,8 @@ def main() -> None:
         "backend": "onnxruntime CPU", "batch": args.batch, "warmup": args.warmup,
         "iters": args.iters, "adapters": names,
         "note": "adapters are copies of one HMMoE and one GA-Net run (one training step "
-                "each) under distinct names: own branch files and sessions, equal weights",
+                "each) under distinct names: own branch files and sessions, trainable "
+                "weights shifted by a constant per copy",
         "trunk_block": SharedPredictor(shared_dir, runs=names[:1])._trunk_record
         .details["block"],
         "hot_add": hot_add, "results": results,

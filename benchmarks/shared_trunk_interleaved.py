@@ -9,14 +9,17 @@ adapter (hmmoe-0's own export) and one `SharedPredictor` holding all 8 branches 
 together and timed in turn, one batch of 8 random images each per round: the single adapter,
 the shared trunk with image i asking adapter i mod 8 (`mixed`), and with every image asking
 hmmoe-0 (the work of the single adapter, through trunk and branch). Medians over the rounds,
-after one warm-up each. Writes benchmarks/results/<date>-<host>-shared-trunk-interleaved.json.
+after one warm-up each. Writes benchmarks/results/<date>-<host>-shared-trunk-interleaved.json
+(or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 from report import write_report
@@ -30,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--work", default=str(default_cache_dir() / "shared-trunk-bench"))
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     shared = SharedPredictor(f"{args.work}/shared-8")
     single = OnnxRuntimePredictor(f"{args.work}/base-hmmoe")
@@ -53,7 +57,10 @@ def main() -> None:
               "x_single": {k: round(v / speed["single"], 3) for k, v in speed.items()},
               "seconds": {k: [round(t, 3) for t in v] for k, v in seconds.items()}}
     print(report["images_per_second"], report["x_single"])
-    write_report("shared-trunk-interleaved", report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        write_report("shared-trunk-interleaved", report)
 
 
 if __name__ == "__main__":

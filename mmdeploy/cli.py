@@ -625,9 +625,12 @@ def serve(run_paths, shared_dir, shared_runs, allow_add, backend, host, port, co
     import importlib.util
 
     if shared_dir is not None:
-        if run_paths or engine == "ray" or precision == "int8":
+        if run_paths or precision == "int8":
             raise ConfigError("serve --shared DIR takes no RUN and serves FP32 trunk and "
-                              "branches with --engine gradio")
+                              "branches")
+        if engine == "ray" and allow_add:
+            raise ConfigError("--allow-add is for --engine gradio: on --engine ray the "
+                              "adapters are fixed at start (each replica holds its own)")
     elif shared_runs is not None or allow_add:
         raise ConfigError("--runs and --allow-add need --shared DIR")
     elif len(run_paths) != 1:
@@ -648,8 +651,11 @@ def serve(run_paths, shared_dir, shared_runs, allow_add, backend, host, port, co
             host=host, port=port, replicas=replicas or 1, concurrency=concurrency,
             max_queue=max_queue, batch_wait_ms=10.0 if batch_wait_ms is None else batch_wait_ms,
             limits=ServeLimits(max_images=max_images, max_file_bytes=max_file_mb * 2**20),
-            precision=precision or default_precision(run_path), address=ray_address,
-            graceful_seconds=grace_seconds, show_paths=show_paths)
+            precision=precision or ("fp32" if shared_dir else default_precision(run_path)),
+            address=ray_address, graceful_seconds=grace_seconds, show_paths=show_paths)
+        if shared_dir is not None:
+            _serve_shared_on_ray(shared_dir, shared_runs, backend, config)
+            return
         serve_on_ray(run_path, backend, config, log=lambda line: click.echo(line, err=True),
                      on_ready=lambda url: click.echo(
                          f"serving {run_path} ({config.replicas} Ray Serve replica"
@@ -709,6 +715,19 @@ def _serve_shared(shared_dir, runs, allow_add, backend, config, listener, wait_m
                              f"{service.backend}) at {url} (Ctrl+C to stop)"))
     finally:
         service.close()
+    click.echo("stopped")
+
+
+def _serve_shared_on_ray(shared_dir, runs, backend, config) -> None:
+    """`serve --shared DIR --engine ray`: the adapters of DIR on Ray Serve (apps.ray_shared)."""
+    from .apps.ray_shared import serve_shared_on_ray
+
+    names = None if runs is None else [name.strip() for name in runs.split(",")]
+    serve_shared_on_ray(shared_dir, backend, names, config,
+                        log=lambda line: click.echo(line, err=True),
+                        on_ready=lambda url: click.echo(
+                            f"serving {shared_dir} ({config.replicas} Ray Serve replica"
+                            f"{'s' * (config.replicas != 1)}) at {url} (Ctrl+C to stop)"))
     click.echo("stopped")
 
 

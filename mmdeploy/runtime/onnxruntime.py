@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +96,17 @@ def _provider_options(name: str, profile: tuple[tuple[int, ...], ...] | None) ->
 
 
 def create_session(path: Path, threads: int | None = None,
-                   profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True):
+                   profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True,
+                   initializers: Sequence[tuple[str, object]] = (),
+                   entries: Mapping[str, str] | None = None):
     """An InferenceSession on the best provider present (TensorRT, CUDA, else CPU).
 
     `profile` is the (min, opt, max) input shape, for the TensorRT provider. `arena=False`:
     no CPU memory arena, so memory freed after a call goes back to the heap for the next
     session instead of staying in this session's arena (see `runtime.shared`).
+    `initializers`: (name, OrtValue) pairs used instead of the graph's own initializers of
+    those names (`SessionOptions.add_initializer`: the buffers are shared, not copied; they
+    must outlive the session). `entries`: session config entries.
     """
     with onnxruntime_required():
         import onnxruntime
@@ -111,6 +116,10 @@ def create_session(path: Path, threads: int | None = None,
     if threads:
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena
+    for name, value in initializers:
+        options.add_initializer(name, value)
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
     providers = [(name, _provider_options(name, profile)) for name in choice.providers]
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=providers)
@@ -129,8 +138,11 @@ class OnnxSession:
     """
 
     def __init__(self, path: Path, threads: int | None = None,
-                 profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True):
-        self.session = create_session(path, threads, profile, arena)
+                 profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True,
+                 initializers: Sequence[tuple[str, object]] = (),
+                 entries: Mapping[str, str] | None = None):
+        self.session = create_session(path, threads, profile, arena, initializers, entries)
+        self._shared = list(initializers)  # their buffers live as long as this session
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_name = self.input_names[0]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -6,12 +6,16 @@ server's batch of requests), `predict_requests(pixels, [(image, adapter), ...])`
 of adapters per image (batch inference over several runs): either way the trunk runs once
 over the images, then each branch over the trunk features of its own requests, and the
 outputs come back in request order. Every file is checked against its sha256 before it
-is loaded, as for a run's own export.
+is loaded, as for a run's own export. On ONNX Runtime the branch sessions hold the frozen
+blocks they all carry once (`WeightPool`), so an adapter adds its own weights and little
+else to the server's memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from ..errors import ArtifactError, BackendUnavailableError, ConfigError, InputE
 from ..images import Preprocessor
 from ..runs import RunConfig, load_run_config
 from .base import check_shape, in_chunks, softmax
+from .memory import release_freed_memory
 
 MANIFEST_FILE = "manifest.json"
 FORMATS = {"onnxruntime": "onnx", "aoti": "aoti"}  # backend -> the format it serves
@@ -89,8 +94,11 @@ class SharedPredictor:
         self.batch_range = trunk.batch_limits
         self.precision = "fp32"
         self._trunk_record, self._threads = trunk, threads
+        self._weights = WeightPool()
         self.preprocessor = self._preprocessor(trunk, records, configs)
         self.trunk = self._load(trunk, threads)
+        self.device = trunk.device if self.backend == "aoti" else (
+            "cuda" if self.trunk.on_gpu else "cpu")
         self.branches = {name: self._branch(name, record, configs[name])
                          for name, record in records.items()}
         self._changing = threading.Lock()
@@ -217,7 +225,75 @@ class SharedPredictor:
         # No memory arena per session: the trunk and branches run one after another, and
         # each arena would keep the largest activations its session ever held (measured on
         # the ViT-B/16-sized bench: 8 branches, 3.1 GB peak with arenas, 1.6 GB without).
-        return OnnxSession(path, threads, arena=False)
+        # Each graph's parsed protobuf is freed once its session is built, but glibc would
+        # keep it (`release_freed_memory`): trimmed after each, the load's peak is one graph.
+        if record is self._trunk_record:
+            session = OnnxSession(path, threads, arena=False, entries=NO_SPINNING)
+        else:
+            shared = self._weights.initializers(path)
+            release_freed_memory()
+            session = OnnxSession(path, threads, arena=False, entries=BRANCH_ENTRIES,
+                                  initializers=shared)
+        release_freed_memory()
+        return session
+
+
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
+"""The trunk and branch sessions run one after another, each with its own thread pool:
+threads left spinning after one session's call would take the cores from the next one."""
+BRANCH_ENTRIES = {**NO_SPINNING, "session.disable_prepacking": "1"}
+"""Branch sessions read their large weights from a `WeightPool`; with prepacking on,
+ONNX Runtime would pack a private copy of every shared matrix in every session."""
+
+
+class WeightPool:
+    """One buffer per distinct large weight among the branch graphs, shared by their
+    ONNX Runtime sessions.
+
+    Every branch carries the tower's blocks from the trunk's cut on (HMMoE adapts them,
+    adapters on pooled features run them frozen): the same frozen weights in every branch
+    file. Keyed by content (dtype, shape, sha256 of the bytes), equal weights are one buffer
+    whatever their names in each graph; this is exact, a session reads the values its own
+    copy holds. A buffer lives as long as a session holding it (the pool keeps weak
+    references), so removing a branch frees what only it used.
+    """
+
+    MIN_BYTES = 1 << 16  # smaller weights (norms, biases) are not worth a hash
+
+    def __init__(self) -> None:
+        self._buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def initializers(self, path: Path) -> list[tuple[str, object]]:
+        """(name, OrtValue) for each large weight of graph `path`, from the pool."""
+        import onnx
+        from onnx import numpy_helper
+
+        from .onnxruntime import onnxruntime_required
+
+        with onnxruntime_required():
+            from onnxruntime import OrtValue
+
+        try:
+            graph = onnx.load(str(path)).graph
+        except Exception as exc:  # protobuf's own errors for a damaged file
+            raise ArtifactError(f"{path}: not a readable ONNX graph ({exc})") from None
+        pairs = []
+        with self._lock:
+            for tensor in graph.initializer:
+                raw = tensor.raw_data  # a copy of the bytes at each access
+                if len(raw) < self.MIN_BYTES:
+                    continue
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
+                value = self._buffers.get(key)
+                if value is None:
+                    value = OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor))
+                    self._buffers[key] = value
+                pairs.append((tensor.name, value))
+        return pairs
+
+    def __len__(self) -> int:
+        return len(self._buffers)
 
 
 def _load_manifest(shared_dir: Path) -> Manifest:

@@ -249,8 +249,42 @@ def test_adding_is_refused_without_allow_add(launch, shared_dir, tiny_run, tmp_p
     (["RUN1", "RUN2"], "export --shared RUN1 RUN2"),
     (["RUN1", "--allow-add"], "--runs and --allow-add need --shared DIR"),
     (["--shared", "DIR", "RUN1"], "takes no RUN"),
+    (["--shared", "DIR", "--engine", "ray", "--allow-add"],
+     "--allow-add is for --engine gradio"),
 ])
 def test_bad_serve_invocations_are_one_line(cli, expect_error, tiny_run, shared_dir, args,
                                             fragment):
     names = {"RUN1": tiny_run, "RUN2": tiny_run, "DIR": shared_dir}
     expect_error(cli(["serve", *(names.get(a, a) for a in args), "--port", "0"]), fragment)
+
+
+def test_a_run_adapting_before_the_cut_is_refused_in_one_line(cli, launch, ganet_run,
+                                                              tiny_run, tmp_path):
+    """A trunk cut at block 2 (HMMoE on the last 2 of the 4 blocks, with GA-Net): adding
+    the session's HMMoE run, which adapts every block from 0, is refused over HTTP (422) in
+    one line that shows no server path, and the export and the adapters served stay."""
+    late = tmp_path / "hmmoe-late"
+    trained = cli(["train", "--adapter", "hmmoe", "--out", late, "--max-steps", 2,
+                   "--shots", 4, "--option", "num_layers=2"])
+    assert trained.code == 0, str(trained)
+    out = tmp_path / "shared"
+    exported = cli(["export", "--shared", late, ganet_run, "--out", out,
+                    "--batch-range", "1,2,2"])
+    assert exported.code == 0, str(exported)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    served = launch(out, tmp_path / "server", 16, "--allow-add", shared=True)
+    try:
+        listed = httpx.get(served.url + "adapters", timeout=10).json()["adapters"]
+        answer = httpx.post(served.url + "adapters", json={"run": str(tiny_run)}, timeout=120)
+        after = httpx.get(served.url + "adapters", timeout=10).json()["adapters"]
+    finally:
+        code, _, err = served.stop(signal.SIGTERM)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error == (f"{tiny_run.name} adapts block 0, before this trunk's cut at block 2: "
+                     "export the set again with --shared to serve it")
+    assert str(tiny_run.parent) not in answer.text and str(tmp_path) not in answer.text
+    assert after == listed and [a["name"] for a in listed] == sorted([late.name,
+                                                                      ganet_run.name])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert code == 0, err

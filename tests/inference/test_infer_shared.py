@@ -4,6 +4,7 @@ HMMoE and GA-Net runs exported together."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from mmdeploy.errors import ArtifactError, ConfigError, InputError
 from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
-from mmdeploy.runtime.shared import SharedPredictor
+from mmdeploy.runtime.shared import SharedPredictor, WeightPool
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,32 @@ def test_bad_shared_invocations_are_one_line(cli, expect_error, shared_dir, inpu
     result = cli(["infer", "--shared", shared_dir, inputs, "-o", tmp_path / "rows.jsonl",
                   *args])
     expect_error(result, fragment)
+
+
+def test_branches_share_their_frozen_weights_by_content(shared_dir, tiny_run, ganet_run,
+                                                        monkeypatch):
+    """Both branches carry the tower's frozen blocks from the trunk's cut on: their sessions
+    read one buffer for each weight whose bytes are equal, and answer as before."""
+    monkeypatch.setattr(WeightPool, "MIN_BYTES", 4096)  # the tiny tower's matrices: 16-64 KB
+    predictor = SharedPredictor(shared_dir)
+    engines = {name: branch.engine for name, branch in predictor.branches.items()}
+    values = {name: {id(value): value for _, value in engine._shared}
+              for name, engine in engines.items()}
+    common = values[tiny_run.name].keys() & values[ganet_run.name].keys()
+    assert common  # the frozen blocks' matrices, once
+    for value_id in common:  # each shared buffer holds equal bytes in both graphs
+        arrays = [values[name][value_id].numpy() for name in values]
+        assert np.array_equal(*arrays)
+    assert len(predictor._weights) == len(values[tiny_run.name] | values[ganet_run.name])
+    pixels = np.random.default_rng(1).standard_normal(
+        (2, 3, *predictor.preprocessor.image_size)).astype(np.float32)
+    for run in (tiny_run, ganet_run):
+        shared = np.stack(predictor.logits(pixels, [(0, run.name), (1, run.name)]))
+        own = OnnxRuntimePredictor(run).run_pixels(pixels)["logits"]
+        assert np.abs(shared - own).max() <= 1e-4  # DESIGN's ONNX Runtime FP32 bound
+        assert (shared.argmax(-1) == own.argmax(-1)).all()
+    before = len(predictor._weights)
+    predictor.remove_branch(ganet_run.name)
+    del engines, values, arrays
+    gc.collect()
+    assert 0 < len(predictor._weights) < before  # what only GA-Net's branch held is freed
