@@ -41,7 +41,8 @@ from mmdeploy.artifacts import (
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, MmdeployError
-from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
+from mmdeploy.interface import OUTPUT_NAMES
+from mmdeploy.questions import TOKENIZER_DIR, save_tokenizer
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime import timing
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
@@ -50,7 +51,8 @@ from .calibration import PixelReader, calibration_reader
 from .formats import FORMATS, ExportJob, plan_export
 from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
 from .int8 import Int8Options, Quantizer, quantize_gated
-from .parity import parity_batches, parity_inputs, run_parity
+from .onnx import Axis
+from .parity import ParityCase, parity_batches, parity_cases, run_parity
 from .triton import write_repository
 
 VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
@@ -64,7 +66,6 @@ def export_run(run_path: str | Path, config: ExportConfig,
     derived from the verified ONNX graph; each published only once it passes its check."""
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
-    run.require_classification("export")
     manifest = _existing_manifest(run_dir)
     device = torch_device()
     plan = plan_export(config, manifest.record("onnx") is not None, device)
@@ -102,13 +103,13 @@ def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     deploy = load_model(run_dir.root, backbone=backbone)[0].to_deploy()
     seed = int.from_bytes(os.urandom(4), "little")
-    cases = parity_inputs(run, reference.backbone.preprocessor, parity_batches(config), seed)
+    cases = parity_cases(run, reference.backbone, parity_batches(config), seed)
     form_gap = _form_gap(reference, deploy, cases)
     log(f"deploy form vs training form: max abs {form_gap:.2e}")
 
     for fmt, precision in plan:
         log(f"exporting {fmt} {precision} (batch {config.batch_min}..{config.batch_max})")
-        job = ExportJob(deploy, run_dir, config, precision, device, log)
+        job = ExportJob(deploy, run_dir, config, precision, device, log, run.task)
         _export_format(fmt, job, reference, cases, manifest)
         # Saved after each format: a later one failing leaves this one listed and servable.
         manifest.deploy_form_max_abs, manifest.parity_seed = form_gap, seed
@@ -191,6 +192,9 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     export_dir = job.run_dir.export_dir
     with staging_dir(export_dir) as staging:
         built = FORMATS[fmt].build(job, staging)
+        if job.task == "vqa":  # served with the tokenizer it was checked with
+            built.files += _save_tokenizer(job, staging)
+            built.details["max_question_tokens"] = job.deploy.backbone.max_text_length
         if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
             job.log(f"checking {built.backend} int8 against the accuracy gate")
             report = gate_check(load_run_config(job.run_dir), reference, built.candidate,
@@ -198,8 +202,9 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
                                 f"{built.backend} int8", batch=job.config.batch_max)
         else:
             batches = ", ".join(map(str, parity_batches(job.config)))
-            job.log(f"checking {built.backend} parity at batch {batches} (random and real "
-                    "images)")
+            lengths = " and question lengths" if job.task == "vqa" else ""
+            job.log(f"checking {built.backend} parity at batch {batches}{lengths} (random and "
+                    "real images)")
             report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
         if not report.passed:
             keep_aside(staging, export_dir, report.to_dict(), built.files[0])
@@ -217,24 +222,38 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
 
 
-def _interface(job: ExportJob, reference, cases) -> dict:
+def _save_tokenizer(job: ExportJob, staging: Path) -> list[str]:
+    """The run's tokenizer and its limit into `staging/tokenizer/`: its files, to publish
+    and hash with the engine's."""
+    backbone = job.deploy.backbone
+    names = save_tokenizer(backbone.tokenizer, backbone.max_text_length, staging / TOKENIZER_DIR)
+    return [f"{TOKENIZER_DIR}/{name}" for name in names]
+
+
+def _interface(job: ExportJob, reference, cases: list[ParityCase]) -> dict:
     """Inputs and outputs of a compiled export, as the ONNX graph describes its own: the
-    deploy form's, with the batch as a named axis."""
+    deploy form's, with the batch (and a question's tokens) as named axes."""
+    inputs = tuple(x[:1] for x in cases[0].inputs)
     with torch.inference_mode():
-        logits, embeddings = reference(cases[0][1][:1])
-    return {"inputs": [describe(INPUT_NAME, cases[0][1][:1])],
+        logits, embeddings = reference(*inputs)
+    return {"inputs": [describe(graph_input.name, graph_input.sample, graph_input.axes)
+                       for graph_input in job.graph_inputs()],
             "outputs": [describe(name, tensor)
                         for name, tensor in zip(OUTPUT_NAMES, (logits, embeddings), strict=True)]}
 
 
-def describe(name: str, tensor: torch.Tensor) -> dict:
-    """One FP32 input or output of an export: its name and shape, the batch a named axis."""
-    return {"name": name, "dtype": "float32", "shape": ["batch", *tensor.shape[1:]]}
+def describe(name: str, tensor: torch.Tensor, axes: dict[int, Axis] | None = None) -> dict:
+    """One input or output of an export: its name, dtype and shape, its dynamic axes (the
+    batch, unless `axes` says which) named."""
+    names = {position: axis.name for position, axis in (axes or {0: Axis("batch", 1, 1)}).items()}
+    return {"name": name, "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": [names.get(i, size) for i, size in enumerate(tensor.shape)]}
 
 
-def _form_gap(reference, deploy, cases) -> float:
+def _form_gap(reference, deploy, cases: list[ParityCase]) -> float:
     with torch.inference_mode():
-        return max(float((reference(x)[0] - deploy(x)[0]).abs().max()) for _, x in cases)
+        return max(float((reference(*c.inputs)[0] - deploy(*c.inputs)[0]).abs().max())
+                   for c in cases)
 
 
 def _existing_manifest(run_dir: RunDir) -> Manifest:
@@ -260,13 +279,34 @@ def staging_dir(export_dir: Path, name: str = ".staging") -> Iterator[Path]:
 
 
 def publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:
+    """Move `files` (names in `staging`; a name in a folder, e.g. `tokenizer/vocab.json`,
+    moves its whole folder, which replaces the one published before) into `export_dir`,
+    hashing each into `record`."""
+    folders = sorted({Path(name).parts[0] for name in files if len(Path(name).parts) > 1})
+    for folder in folders:
+        _replace_folder(staging / folder, export_dir / folder)
     for name in files:
-        os.replace(staging / name, export_dir / name)
+        if len(Path(name).parts) == 1:
+            os.replace(staging / name, export_dir / name)
         record.add_file(export_dir, name)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """`source` renamed to `target`; an earlier `target` is renamed out of the way first and
+    removed after, so `target` is never half written."""
+    old = target.with_name(f"{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:
     for path in sorted(staging.iterdir()):
-        os.replace(path, export_dir / f"{path.name}.failed")
+        if path.is_dir():
+            _replace_folder(path, export_dir / f"{path.name}.failed")
+        else:
+            os.replace(path, export_dir / f"{path.name}.failed")
     atomic_write_json(export_dir / f"{primary}.failed.json", report)
 

@@ -140,8 +140,10 @@ class OnnxSession:
     def on_gpu(self) -> bool:
         return self.provider != CPU_PROVIDER
 
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run_feeds({self.input_name: pixel_values})
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for the graph's inputs in its order (pixel_values; a vqa engine's also
+        input_ids and attention_mask)."""
+        return self.run_feeds(dict(zip(self.input_names, inputs, strict=True)))
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.on_gpu:
