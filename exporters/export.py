@@ -42,13 +42,13 @@ from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, MmdeployError
 from mmdeploy.interface import OUTPUT_NAMES
-from mmdeploy.questions import TOKENIZER_DIR, save_tokenizer
+from mmdeploy.questions import TOKENIZER_DIR, QuestionTokenizer, save_tokenizer
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime import timing
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
 from .calibration import PixelReader, calibration_reader
-from .formats import FORMATS, ExportJob, plan_export
+from .formats import FORMATS, ExportJob, plan_export, typical_question_tokens
 from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
 from .int8 import Int8Options, Quantizer, quantize_gated
 from .onnx import Axis
@@ -82,7 +82,8 @@ def export_run(run_path: str | Path, config: ExportConfig,
         calibration = None
         # a calibration that cannot work fails first
         if plan.int8 and (config.int8 == "static" or config.smooth is not None):
-            calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
+            calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed,
+                                             _tokenizer(reference))
         if plan.formats:
             _export_formats(plan.formats, run_dir, run, config, reference, manifest, device, log)
         if plan.timed:
@@ -147,21 +148,23 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
     preprocessor = reference.backbone.preprocessor
     data = gate_data(run, reference, preprocessor)
     bounds = GateBounds(config.gate_agreement, config.gate_drop)
+    what = "held-out images with their questions (VQA accuracy)" if run.task == "vqa" \
+        else "real images"
     log(f"INT8 gate: top-1 agreement >= {bounds.min_agreement:.2%} and accuracy drop <= "
-        f"{bounds.max_drop_points:g} points vs the FP32 model, on {len(data)} real images")
+        f"{bounds.max_drop_points:g} points vs the FP32 model, on {len(data)} {what}")
 
     def gate(path: Path):
-        return measure(data, candidate_logits(OnnxSession(path), data.pixels), bounds)
+        return measure(data, candidate_logits(OnnxSession(path), data.inputs), bounds)
 
     def probe():  # training images; the gate's own when the training data is gone
         if calibration is not None:
-            return calibration.pixels
+            return calibration.inputs
         try:
             return calibration_reader(run, preprocessor, config.calib or 64,
-                                      config.calib_seed).pixels
+                                      config.calib_seed, _tokenizer(reference)).inputs
         except ArtifactError as exc:
             log(f"int8: ranking on the gate's images instead ({exc})")
-            return data.pixels
+            return data.inputs
 
     with staging_dir(export_dir) as staging:
         with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
@@ -179,8 +182,12 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
             backend="onnxruntime", precision="int8", batch_range=dict(onnx.batch_range),
             check=result.report.to_dict(), inputs=onnx.inputs, outputs=onnx.outputs,
             opset=onnx.opset, versions=installed_versions(VERSIONED),
-            details={**result.details(), "serve_default": config.serve_int8})
+            details={**result.details(), "serve_default": config.serve_int8,
+                     **{k: v for k, v in onnx.details.items() if k.endswith("question_tokens")}})
         publish(staging, export_dir, record, [INT8_FILE])
+        for name in onnx.files:  # a vqa graph's tokenizer serves the INT8 graph too
+            if name.startswith(f"{TOKENIZER_DIR}/"):
+                record.add_file(export_dir, name)
     manifest.exports["int8"] = record
     log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
         f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
@@ -195,6 +202,8 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
         if job.task == "vqa":  # served with the tokenizer it was checked with
             built.files += _save_tokenizer(job, staging)
             built.details["max_question_tokens"] = job.deploy.backbone.max_text_length
+            built.details["typical_question_tokens"] = typical_question_tokens(
+                job.deploy.backbone)
         if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
             job.log(f"checking {built.backend} int8 against the accuracy gate")
             report = gate_check(load_run_config(job.run_dir), reference, built.candidate,
@@ -220,6 +229,13 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
         publish(staging, export_dir, record, built.files)
     manifest.exports[fmt] = record
     job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
+
+
+def _tokenizer(model) -> QuestionTokenizer | None:
+    """A vqa model's tokenizer at its limit, as training tokenized; None for others."""
+    if getattr(model, "task", "classification") != "vqa":
+        return None
+    return QuestionTokenizer(model.backbone.tokenizer, model.backbone.max_text_length)
 
 
 def _save_tokenizer(job: ExportJob, staging: Path) -> list[str]:

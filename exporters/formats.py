@@ -27,9 +27,14 @@ from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES, QUESTION_INPUT_NAMES
 from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.aoti import PACKAGE_FILE, AotiPackage
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
-from mmdeploy.runtime.tensorrt import Profile, load_engine, unavailable_reason
+from mmdeploy.runtime.tensorrt import (
+    Profile,
+    load_engine,
+    question_profiles,
+    unavailable_reason,
+)
 
-from .aoti import compile_aoti, fp16_problem
+from .aoti import compile_inputs, fp16_problem
 from .calibration import calibration_reader
 from .lint import check_for_target, lint_onnx
 from .onnx import Axis, GraphInput, batch_input, export_graph
@@ -62,6 +67,15 @@ class ExportJob:
 
 
 SAMPLE_QUESTIONS = ("what color is the shape?", "is there a red circle in the image?")
+"""Two typical questions (easy-VQA's wording, at most 9 words): the trace's sample, and a
+typical question's length (`typical_question_tokens`)."""
+
+
+def typical_question_tokens(backbone) -> int:
+    """A typical question's tokens on `backbone`'s tokenizer (the longer of the sample
+    questions, within its limit): the OPT length of a TensorRT profile and of `bench`."""
+    tokens = backbone.tokenize(list(SAMPLE_QUESTIONS))["input_ids"]
+    return min(int(tokens.shape[1]), backbone.max_text_length)
 
 
 def graph_inputs(deploy: nn.Module, task: str, batch_min: int,
@@ -159,8 +173,7 @@ def onnx_graph_of(model: nn.Module, path: Path, inputs: list[GraphInput],
 
 def _build_aoti(job: ExportJob, staging: Path) -> Built:
     path = staging / PACKAGE_FILE
-    details = compile_aoti(job.deploy, path, job.image_size, job.config.batch_min,
-                           job.config.batch_max, job.device, job.precision)
+    details = compile_inputs(job.deploy, path, job.graph_inputs(), job.device, job.precision)
     job.log(f"compiled {PACKAGE_FILE} for {job.device} in {details['compile_seconds']:.1f} s")
     return Built("aoti", [PACKAGE_FILE], AotiPackage(path, job.device, job.precision), details,
                  device=job.device)
@@ -175,7 +188,16 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
     config = job.config
     profile = Profile.for_batches(config.batch_min, config.batch_opt, config.batch_max,
                                   job.image_size)
+    questions: tuple[Profile, ...] = ()
+    if job.task == "vqa":
+        backbone = job.deploy.backbone
+        questions = question_profiles(config.batch_min, config.batch_opt, config.batch_max,
+                                      job.image_size, typical_question_tokens(backbone),
+                                      backbone.max_text_length)[1:]
     extra_files = []
+    if job.precision == "int8" and job.task == "vqa":
+        raise ConfigError("a TensorRT INT8 engine is calibrated on images alone; for a vqa "
+                          "run quantize the ONNX graph instead (--int8 with --format onnx)")
     if job.precision == "int8":  # explicit quantization: a symmetric QDQ graph, calibrated
         reader = calibration_reader(load_run_config(job.run_dir), job.deploy.backbone.preprocessor,
                                     config.calib, config.calib_seed)
@@ -183,8 +205,10 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
         extra_files = details["qdq"]["files"]  # the graph the engine was built from
     else:
         engine, sidecar, details = build_engine(onnx_path, staging, profile, job.precision,
-                                                job.log)
+                                                job.log, questions)
     details.update({"engine": engine, "sidecar": sidecar, "profile": profile.to_dict()})
+    if questions:
+        details["question_profiles"] = [p.to_dict() for p in questions]
     return Built("tensorrt", [engine, sidecar, *extra_files],
                  load_engine(staging, engine, sidecar), details, device="cuda")
 

@@ -66,7 +66,7 @@ def verify_int8(export_dir: Path, record: ExportRecord, run: RunConfig, referenc
     bounds = GateBounds(**record.check["bounds"])
     data = gate_data(run, reference, reference.backbone.preprocessor)
     report = measure(data, candidate_logits(OnnxSession(export_dir / record.main_file),
-                                            data.pixels), bounds)
+                                            data.inputs), bounds)
     status = "passed" if report.passed else "FAILED"
     log(f"{report.backend} ({record.details['method']}): {status} the accuracy gate "
         f"({report.summary()})")
