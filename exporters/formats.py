@@ -33,6 +33,7 @@ from mmdeploy.runtime.tensorrt import (
     question_profiles,
     unavailable_reason,
 )
+from mmdeploy.runtime.timing import TYPICAL_QUESTIONS
 
 from .aoti import compile_inputs, fp16_problem
 from .calibration import calibration_reader
@@ -66,9 +67,7 @@ class ExportJob:
                             self.config.batch_max)
 
 
-SAMPLE_QUESTIONS = ("what color is the shape?", "is there a red circle in the image?")
-"""Two typical questions (easy-VQA's wording, at most 9 words): the trace's sample, and a
-typical question's length (`typical_question_tokens`)."""
+SAMPLE_QUESTIONS = TYPICAL_QUESTIONS  # the trace's sample; a typical question's length
 
 
 def typical_question_tokens(backbone) -> int:
