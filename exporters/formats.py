@@ -67,13 +67,10 @@ class ExportJob:
                             self.config.batch_max)
 
 
-SAMPLE_QUESTIONS = TYPICAL_QUESTIONS  # the trace's sample; a typical question's length
-
-
 def typical_question_tokens(backbone) -> int:
-    """A typical question's tokens on `backbone`'s tokenizer (the longer of the sample
-    questions, within its limit): the OPT length of a TensorRT profile and of `bench`."""
-    tokens = backbone.tokenize(list(SAMPLE_QUESTIONS))["input_ids"]
+    """A typical question's tokens on `backbone`'s tokenizer (the longer of the typical
+    questions, within its limit): the OPT length of a TensorRT profile."""
+    tokens = backbone.tokenize(list(TYPICAL_QUESTIONS))["input_ids"]
     return min(int(tokens.shape[1]), backbone.max_text_length)
 
 
@@ -90,7 +87,7 @@ def graph_inputs(deploy: nn.Module, task: str, batch_min: int,
     if task != "vqa":
         return [pixels]
     backbone = deploy.backbone
-    tokens = backbone.tokenize([SAMPLE_QUESTIONS[row % 2] for row in range(batch)])
+    tokens = backbone.tokenize([TYPICAL_QUESTIONS[row % 2] for row in range(batch)])
     ids, mask = (tokens[name].cpu() for name in QUESTION_INPUT_NAMES)
     if ids.shape[1] == batch:
         ids, mask = ids[:, :-1], mask[:, :-1]

@@ -127,6 +127,9 @@ def quiet_exporter():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            # an axis named alike in several inputs (the batch of pixels and tokens) is one
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"# The axis name: \w+ will not be used")
             yield
     finally:
         registration.setLevel(level)
