@@ -54,6 +54,7 @@ from mmdeploy.artifacts import Manifest, RunDir, atomic_write_json, installed_ve
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.bench.peak import FlopCount, Peak, count_flops, measure_peak
 from mmdeploy.errors import ConfigError, MmdeployError
+from mmdeploy.questions import QuestionTokenizer
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime import BACKEND_TABLE
 from mmdeploy.runtime.timing import (
@@ -64,6 +65,7 @@ from mmdeploy.runtime.timing import (
     measure,
     predictor_runner,
     recorded,
+    with_questions,
 )
 
 # Eager is the reference and always runs; the others run where available.
@@ -121,8 +123,11 @@ def torch_runner(module: nn.Module, backend: str, device: str, precision: str,
     call = torch.compile(module, options={"freezing": True}) if compiled else module
 
     @torch.inference_mode()
-    def run(pixels: np.ndarray) -> Outputs:
-        logits, embeddings = call(torch.from_numpy(pixels).to(device=device, dtype=dtype))
+    def run(*inputs: np.ndarray) -> Outputs:  # pixels (and a vqa model's question tokens)
+        logits, embeddings = call(*(
+            torch.from_numpy(x).to(device=device, dtype=dtype)
+            if np.issubdtype(x.dtype, np.floating) else torch.from_numpy(x).to(device)
+            for x in inputs))
         return {"logits": logits.float().cpu().numpy(),
                 "embeddings": embeddings.float().cpu().numpy()}
 
@@ -150,6 +155,9 @@ def _int8_runner(run_dir: RunDir) -> tuple[Runner, dict]:
     predictor = OnnxRuntimePredictor(run_dir.root, precision="int8")
     record = predictor.record
     info = {"file": record.main_file, "gate": record.check, **record.details}
+    if predictor.task == "vqa":
+        return with_questions(Runner(INT8_BACKEND, predictor.device, "int8",
+                                     predictor.run_questions), predictor.question_tokenizer), info
     return Runner(INT8_BACKEND, predictor.device, "int8", predictor.run_pixels), info
 
 
@@ -205,10 +213,17 @@ def bench_run(run_path: str | Path, batches: list[int], backends: list[str] | No
     run = load_run_config(run_dir)
     log(f"loading {run.adapter} run {run_dir.root}")
     deploy = load_model(run_dir.root)[0].to_deploy()
-    frozen = _frozen_backbone(run)
     skipped: dict[str, str] = {}
     adapted = _eager_runners(deploy, wanted, skipped)
-    baseline: list[Runner | None] = list(_eager_runners(frozen, wanted, {}))
+    if run.task == "vqa":  # timed on the typical questions; no image-only backbone beside it
+        backbone = deploy.backbone
+        tokenizer = QuestionTokenizer(backbone.tokenizer, backbone.max_text_length)
+        adapted = [with_questions(r, tokenizer) for r in adapted]
+        frozen = None
+        baseline: list[Runner | None] = [None] * len(adapted)
+    else:
+        frozen = _frozen_backbone(run)
+        baseline = list(_eager_runners(frozen, wanted, {}))
     int8_info = None
     for backend in (b for b in EXPORT_BACKENDS if b in wanted):
         try:
@@ -229,7 +244,7 @@ def bench_run(run_path: str | Path, batches: list[int], backends: list[str] | No
     with tempfile.TemporaryDirectory(prefix="mmdeploy-bench-") as tmp:
         batch_range = (min(batches), min(batches), max(batches))
         for runner in adapted[len(baseline):]:
-            if runner.backend == INT8_BACKEND:  # not reproducible on the backbone alone
+            if runner.backend == INT8_BACKEND or frozen is None:  # no backbone-alone export
                 baseline.append(None)
                 continue
             log(f"exporting the backbone alone to {runner.backend} for comparison")
@@ -298,6 +313,8 @@ def _check_backbone_exports(runners: list[Runner | None], result: BenchResult,
                             image_size: tuple[int, int]) -> None:
     """Max abs logit difference of each backbone runner (compiled, or exported for the bench
     only) from the backbone's eager run: recorded, not a gate."""
+    if runners[0] is None:  # a vqa run: no backbone-alone runners
+        return
     pixels = np.random.default_rng(1).standard_normal((2, 3, *image_size), dtype=np.float32)
     expected = runners[0].run(pixels)["logits"]
     for runner in (r for r in runners[1:] if r is not None):

@@ -18,7 +18,7 @@ from torch import nn
 from mmdeploy.errors import ConfigError
 from mmdeploy.runtime.aoti import DTYPES
 
-from .onnx import quiet_exporter
+from .onnx import GraphInput, batch_input, dynamic_shapes, quiet_exporter
 
 
 def fp16_problem(device: str) -> str | None:
@@ -46,7 +46,16 @@ def compile_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], batc
 def compile_program(model: nn.Module, path: Path, sample: torch.Tensor, batch_min: int,
                     batch_max: int, device: str, precision: str = "fp32") -> dict:
     """`compile_aoti` for any one-input interface (`sample`: batch first, at least 2): a
-    shared trunk's or branch's (`shared.py`).
+    shared trunk's or branch's (`shared.py`)."""
+    return compile_inputs(model, path, [batch_input("input", sample, batch_min, batch_max)],
+                          device, precision)
+
+
+def compile_inputs(model: nn.Module, path: Path, inputs: list[GraphInput], device: str,
+                   precision: str = "fp32") -> dict:
+    """`compile_aoti` for any interface: `inputs` in the forward's order with their named
+    dynamic axes (a vqa run's pixels and question tokens, the token axis dynamic too).
+    Floating-point inputs take the package's precision; token ids stay int64.
 
     The model is copied first: moving it to the device or to FP16 must not touch the
     caller's (the same deploy form is exported to other formats and checked against).
@@ -57,12 +66,14 @@ def compile_program(model: nn.Module, path: Path, sample: torch.Tensor, batch_mi
         raise ConfigError(problem)
     dtype = DTYPES[precision]
     module = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    sample = sample.to(device=device, dtype=dtype)
-    batch = torch.export.Dim("batch", min=batch_min, max=batch_max)
+    samples = tuple(i.sample.to(device=device, dtype=dtype) if i.sample.is_floating_point()
+                    else i.sample.to(device) for i in inputs)
+    batch = inputs[0].axes[0]
     started = time.perf_counter()
     with torch.no_grad(), quiet_exporter():
-        # By position: the forward's argument is pixel_values, or a branch's trunk features.
-        program = torch.export.export(module, (sample,), dynamic_shapes=({0: batch},))
+        # By position: the forward's arguments are pixel_values (and a question's tokens),
+        # or a branch's trunk features.
+        program = torch.export.export(module, samples, dynamic_shapes=dynamic_shapes(inputs))
     exported = time.perf_counter()
     # Written straight to `path`: the caller compiles into export/.staging/, which is what
     # makes publishing atomic (the packager insists on a name ending in .pt2).
@@ -74,6 +85,6 @@ def compile_program(model: nn.Module, path: Path, sample: torch.Tensor, batch_mi
         "compile_seconds": round(compiled - exported, 3),
         "device": device,
         "precision": precision,
-        "batch_range": {"min": batch_min, "max": batch_max},
+        "batch_range": {"min": batch.min, "max": batch.max},
         "torch": torch.__version__,
     }

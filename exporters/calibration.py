@@ -17,7 +17,8 @@ import numpy as np
 from mmdeploy.data import read_image
 from mmdeploy.errors import ArtifactError, ConfigError, InputError, MmdeployError
 from mmdeploy.images import Preprocessor
-from mmdeploy.interface import INPUT_NAME
+from mmdeploy.interface import INPUT_NAME, QUESTION_INPUT_NAMES
+from mmdeploy.questions import QuestionTokenizer
 from mmdeploy.runs import RunConfig
 from mmdeploy.runtime.onnxruntime import onnxruntime_required
 
@@ -28,7 +29,9 @@ BATCH = 16  # images per calibration batch: bounds the intermediate outputs held
 
 
 class PixelReader(CalibrationDataReader):
-    """Preprocessed pixels [N, 3, H, W], fed in batches of `BATCH` as {INPUT_NAME: ...}.
+    """Preprocessed pixels [N, 3, H, W], fed in batches of `BATCH` as {INPUT_NAME: ...}; for
+    a vqa graph with each image's question (`questions`: input_ids and attention_mask
+    [N, T]), fed beside it under their names.
 
     `rewind()` starts over, so one reader can serve several calibrations. `len()` counts
     batches and `set_range(start, end)` limits the reader to those batches: with ORT's
@@ -37,23 +40,32 @@ class PixelReader(CalibrationDataReader):
     """
 
     def __init__(self, pixels: np.ndarray, names: list[str] | None = None,
-                 seed: int | None = None, split: str | None = None):
+                 seed: int | None = None, split: str | None = None,
+                 questions: tuple[np.ndarray, np.ndarray] | None = None):
         self.pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        self.questions = questions
         self.names = names or [f"image {i}" for i in range(len(self.pixels))]
         self.seed, self.split = seed, split  # how the images were drawn, for the manifest
-        self._batches: Iterator[np.ndarray] = iter(())
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
+    @property
+    def inputs(self) -> tuple[np.ndarray, ...]:
+        """What the graph takes: the pixels (and the questions' tokens)."""
+        return (self.pixels, *(self.questions or ()))
+
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        return next(self._batches, None)
 
     def rewind(self) -> None:
         self.set_range(0, len(self))
 
     def set_range(self, start_index: int, end_index: int) -> None:
         starts = range(start_index * BATCH, min(end_index * BATCH, len(self.pixels)), BATCH)
-        self._batches = (self.pixels[i:i + BATCH] for i in starts)
+        names = (INPUT_NAME, *QUESTION_INPUT_NAMES)
+        self._batches = ({name: array[i:i + BATCH]
+                          for name, array in zip(names, self.inputs, strict=False)}
+                         for i in starts)
 
     def __len__(self) -> int:
         return -(-len(self.pixels) // BATCH)
@@ -69,9 +81,10 @@ def training_samples(run: RunConfig):
 
 
 def calibration_reader(run: RunConfig, preprocessor: Preprocessor, count: int,
-                       seed: int) -> PixelReader:
+                       seed: int, tokenizer: QuestionTokenizer | None = None) -> PixelReader:
     """`count` images of the run's training split (all of it when smaller), drawn with
-    `seed`, through the serving preprocessing. Refuses `count` < 1 and a flat set."""
+    `seed`, through the serving preprocessing; for a vqa run (`tokenizer`: the run's) each
+    with its training question. Refuses `count` < 1 and a flat set."""
     if count < 1:
         raise ConfigError(f"static INT8 needs calibration images (--calib {count}); use "
                           "--calib N with N >= 1, or --int8 dynamic")
@@ -80,7 +93,14 @@ def calibration_reader(run: RunConfig, preprocessor: Preprocessor, count: int,
     samples = [pool[i] for i in sorted(chosen)]
     pixels = preprocessor([read_image(s) for s in samples])
     check_calibration(pixels)
-    return PixelReader(pixels, [s.name for s in samples], seed, "train")
+    questions = None
+    if run.task == "vqa":
+        if tokenizer is None:
+            raise ConfigError("a vqa run calibrates on images with their questions: give "
+                              "its tokenizer")
+        encoded = tokenizer.encode([s.question for s in samples])
+        questions = (encoded.input_ids, encoded.attention_mask)
+    return PixelReader(pixels, [s.name for s in samples], seed, "train", questions)
 
 
 def check_calibration(pixels: np.ndarray) -> None:

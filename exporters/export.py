@@ -41,16 +41,18 @@ from mmdeploy.artifacts import (
 from mmdeploy.backbone import load_backbone, torch_device
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, MmdeployError
-from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
+from mmdeploy.interface import OUTPUT_NAMES
+from mmdeploy.questions import TOKENIZER_DIR, QuestionTokenizer, save_tokenizer
 from mmdeploy.runs import RunConfig, load_model, load_run_config
 from mmdeploy.runtime import timing
 from mmdeploy.runtime.onnxruntime import INT8_FILE, ONNX_FILE, OnnxSession
 
 from .calibration import PixelReader, calibration_reader
-from .formats import FORMATS, ExportJob, plan_export
+from .formats import FORMATS, ExportJob, plan_export, typical_question_tokens
 from .gate import GateBounds, candidate_logits, gate_check, gate_data, measure
 from .int8 import Int8Options, Quantizer, quantize_gated
-from .parity import parity_batches, parity_inputs, run_parity
+from .onnx import Axis
+from .parity import ParityCase, parity_batches, parity_cases, run_parity
 from .triton import write_repository
 
 VERSIONED = ("mm-peft-deploy", "torch", "transformers", "onnx", "onnxscript", "onnxruntime",
@@ -64,7 +66,6 @@ def export_run(run_path: str | Path, config: ExportConfig,
     derived from the verified ONNX graph; each published only once it passes its check."""
     run_dir = RunDir(Path(run_path))
     run = load_run_config(run_dir)
-    run.require_classification("export")
     manifest = _existing_manifest(run_dir)
     device = torch_device()
     plan = plan_export(config, manifest.record("onnx") is not None, device)
@@ -81,7 +82,8 @@ def export_run(run_path: str | Path, config: ExportConfig,
         calibration = None
         # a calibration that cannot work fails first
         if plan.int8 and (config.int8 == "static" or config.smooth is not None):
-            calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed)
+            calibration = calibration_reader(run, preprocessor, config.calib, config.calib_seed,
+                                             _tokenizer(reference))
         if plan.formats:
             _export_formats(plan.formats, run_dir, run, config, reference, manifest, device, log)
         if plan.timed:
@@ -102,13 +104,13 @@ def _export_formats(plan: list[tuple[str, str]], run_dir: RunDir, run: RunConfig
     backbone = load_backbone(run.backbone, expected_identity=run.backbone_identity)
     deploy = load_model(run_dir.root, backbone=backbone)[0].to_deploy()
     seed = int.from_bytes(os.urandom(4), "little")
-    cases = parity_inputs(run, reference.backbone.preprocessor, parity_batches(config), seed)
+    cases = parity_cases(run, reference.backbone, parity_batches(config), seed)
     form_gap = _form_gap(reference, deploy, cases)
     log(f"deploy form vs training form: max abs {form_gap:.2e}")
 
     for fmt, precision in plan:
         log(f"exporting {fmt} {precision} (batch {config.batch_min}..{config.batch_max})")
-        job = ExportJob(deploy, run_dir, config, precision, device, log)
+        job = ExportJob(deploy, run_dir, config, precision, device, log, run.task)
         _export_format(fmt, job, reference, cases, manifest)
         # Saved after each format: a later one failing leaves this one listed and servable.
         manifest.deploy_form_max_abs, manifest.parity_seed = form_gap, seed
@@ -146,21 +148,23 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
     preprocessor = reference.backbone.preprocessor
     data = gate_data(run, reference, preprocessor)
     bounds = GateBounds(config.gate_agreement, config.gate_drop)
+    what = "held-out images with their questions (VQA accuracy)" if run.task == "vqa" \
+        else "real images"
     log(f"INT8 gate: top-1 agreement >= {bounds.min_agreement:.2%} and accuracy drop <= "
-        f"{bounds.max_drop_points:g} points vs the FP32 model, on {len(data)} real images")
+        f"{bounds.max_drop_points:g} points vs the FP32 model, on {len(data)} {what}")
 
     def gate(path: Path):
-        return measure(data, candidate_logits(OnnxSession(path), data.pixels), bounds)
+        return measure(data, candidate_logits(OnnxSession(path), data.inputs), bounds)
 
     def probe():  # training images; the gate's own when the training data is gone
         if calibration is not None:
-            return calibration.pixels
+            return calibration.inputs
         try:
             return calibration_reader(run, preprocessor, config.calib or 64,
-                                      config.calib_seed).pixels
+                                      config.calib_seed, _tokenizer(reference)).inputs
         except ArtifactError as exc:
             log(f"int8: ranking on the gate's images instead ({exc})")
-            return data.pixels
+            return data.inputs
 
     with staging_dir(export_dir) as staging:
         with tempfile.TemporaryDirectory(prefix="mmdeploy-int8-") as work:
@@ -178,8 +182,12 @@ def _export_int8(run_dir: RunDir, run: RunConfig, reference, config: ExportConfi
             backend="onnxruntime", precision="int8", batch_range=dict(onnx.batch_range),
             check=result.report.to_dict(), inputs=onnx.inputs, outputs=onnx.outputs,
             opset=onnx.opset, versions=installed_versions(VERSIONED),
-            details={**result.details(), "serve_default": config.serve_int8})
+            details={**result.details(), "serve_default": config.serve_int8,
+                     **{k: v for k, v in onnx.details.items() if k.endswith("question_tokens")}})
         publish(staging, export_dir, record, [INT8_FILE])
+        for name in onnx.files:  # a vqa graph's tokenizer serves the INT8 graph too
+            if name.startswith(f"{TOKENIZER_DIR}/"):
+                record.add_file(export_dir, name)
     manifest.exports["int8"] = record
     log(f"{INT8_FILE} passed the INT8 gate ({result.report.summary()}); "
         f"{len(result.kept_fp32)} MatMul(s) moved back to FP32, quantized in "
@@ -191,6 +199,11 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     export_dir = job.run_dir.export_dir
     with staging_dir(export_dir) as staging:
         built = FORMATS[fmt].build(job, staging)
+        if job.task == "vqa":  # served with the tokenizer it was checked with
+            built.files += _save_tokenizer(job, staging)
+            built.details["max_question_tokens"] = job.deploy.backbone.max_text_length
+            built.details["typical_question_tokens"] = typical_question_tokens(
+                job.deploy.backbone)
         if job.precision == "int8":  # INT8 moves logits by design: held to the gate instead
             job.log(f"checking {built.backend} int8 against the accuracy gate")
             report = gate_check(load_run_config(job.run_dir), reference, built.candidate,
@@ -198,8 +211,9 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
                                 f"{built.backend} int8", batch=job.config.batch_max)
         else:
             batches = ", ".join(map(str, parity_batches(job.config)))
-            job.log(f"checking {built.backend} parity at batch {batches} (random and real "
-                    "images)")
+            lengths = " and question lengths" if job.task == "vqa" else ""
+            job.log(f"checking {built.backend} parity at batch {batches}{lengths} (random and "
+                    "real images)")
             report = run_parity(built.backend, job.precision, reference, built.candidate, cases)
         if not report.passed:
             keep_aside(staging, export_dir, report.to_dict(), built.files[0])
@@ -217,24 +231,45 @@ def _export_format(fmt: str, job: ExportJob, reference, cases, manifest: Manifes
     job.log(f"{built.backend} {job.precision}: passed {report.title} ({report.summary()})")
 
 
-def _interface(job: ExportJob, reference, cases) -> dict:
+def _tokenizer(model) -> QuestionTokenizer | None:
+    """A vqa model's tokenizer at its limit, as training tokenized; None for others."""
+    if getattr(model, "task", "classification") != "vqa":
+        return None
+    return QuestionTokenizer(model.backbone.tokenizer, model.backbone.max_text_length)
+
+
+def _save_tokenizer(job: ExportJob, staging: Path) -> list[str]:
+    """The run's tokenizer and its limit into `staging/tokenizer/`: its files, to publish
+    and hash with the engine's."""
+    backbone = job.deploy.backbone
+    names = save_tokenizer(backbone.tokenizer, backbone.max_text_length, staging / TOKENIZER_DIR)
+    return [f"{TOKENIZER_DIR}/{name}" for name in names]
+
+
+def _interface(job: ExportJob, reference, cases: list[ParityCase]) -> dict:
     """Inputs and outputs of a compiled export, as the ONNX graph describes its own: the
-    deploy form's, with the batch as a named axis."""
+    deploy form's, with the batch (and a question's tokens) as named axes."""
+    inputs = tuple(x[:1] for x in cases[0].inputs)
     with torch.inference_mode():
-        logits, embeddings = reference(cases[0][1][:1])
-    return {"inputs": [describe(INPUT_NAME, cases[0][1][:1])],
+        logits, embeddings = reference(*inputs)
+    return {"inputs": [describe(graph_input.name, graph_input.sample, graph_input.axes)
+                       for graph_input in job.graph_inputs()],
             "outputs": [describe(name, tensor)
                         for name, tensor in zip(OUTPUT_NAMES, (logits, embeddings), strict=True)]}
 
 
-def describe(name: str, tensor: torch.Tensor) -> dict:
-    """One FP32 input or output of an export: its name and shape, the batch a named axis."""
-    return {"name": name, "dtype": "float32", "shape": ["batch", *tensor.shape[1:]]}
+def describe(name: str, tensor: torch.Tensor, axes: dict[int, Axis] | None = None) -> dict:
+    """One input or output of an export: its name, dtype and shape, its dynamic axes (the
+    batch, unless `axes` says which) named."""
+    names = {position: axis.name for position, axis in (axes or {0: Axis("batch", 1, 1)}).items()}
+    return {"name": name, "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": [names.get(i, size) for i, size in enumerate(tensor.shape)]}
 
 
-def _form_gap(reference, deploy, cases) -> float:
+def _form_gap(reference, deploy, cases: list[ParityCase]) -> float:
     with torch.inference_mode():
-        return max(float((reference(x)[0] - deploy(x)[0]).abs().max()) for _, x in cases)
+        return max(float((reference(*c.inputs)[0] - deploy(*c.inputs)[0]).abs().max())
+                   for c in cases)
 
 
 def _existing_manifest(run_dir: RunDir) -> Manifest:
@@ -260,13 +295,34 @@ def staging_dir(export_dir: Path, name: str = ".staging") -> Iterator[Path]:
 
 
 def publish(staging: Path, export_dir: Path, record: ExportRecord, files: list[str]) -> None:
+    """Move `files` (names in `staging`; a name in a folder, e.g. `tokenizer/vocab.json`,
+    moves its whole folder, which replaces the one published before) into `export_dir`,
+    hashing each into `record`."""
+    folders = sorted({Path(name).parts[0] for name in files if len(Path(name).parts) > 1})
+    for folder in folders:
+        _replace_folder(staging / folder, export_dir / folder)
     for name in files:
-        os.replace(staging / name, export_dir / name)
+        if len(Path(name).parts) == 1:
+            os.replace(staging / name, export_dir / name)
         record.add_file(export_dir, name)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """`source` renamed to `target`; an earlier `target` is renamed out of the way first and
+    removed after, so `target` is never half written."""
+    old = target.with_name(f"{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def keep_aside(staging: Path, export_dir: Path, report: dict, primary: str) -> None:
     for path in sorted(staging.iterdir()):
-        os.replace(path, export_dir / f"{path.name}.failed")
+        if path.is_dir():
+            _replace_folder(path, export_dir / f"{path.name}.failed")
+        else:
+            os.replace(path, export_dir / f"{path.name}.failed")
     atomic_write_json(export_dir / f"{primary}.failed.json", report)
 

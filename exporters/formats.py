@@ -23,16 +23,22 @@ from torch import nn
 from mmdeploy.artifacts import RunDir
 from mmdeploy.config import ExportConfig
 from mmdeploy.errors import ArtifactError, BackendUnavailableError, ConfigError
-from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES
+from mmdeploy.interface import INPUT_NAME, OUTPUT_NAMES, QUESTION_INPUT_NAMES
 from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.aoti import PACKAGE_FILE, AotiPackage
 from mmdeploy.runtime.onnxruntime import ONNX_FILE, OnnxSession
-from mmdeploy.runtime.tensorrt import Profile, load_engine, unavailable_reason
+from mmdeploy.runtime.tensorrt import (
+    Profile,
+    load_engine,
+    question_profiles,
+    unavailable_reason,
+)
+from mmdeploy.runtime.timing import TYPICAL_QUESTIONS
 
-from .aoti import compile_aoti, fp16_problem
+from .aoti import compile_inputs, fp16_problem
 from .calibration import calibration_reader
 from .lint import check_for_target, lint_onnx
-from .onnx import export_graph
+from .onnx import Axis, GraphInput, batch_input, export_graph
 from .tensorrt import build_engine, build_int8_engine
 
 Outputs = dict[str, np.ndarray]
@@ -48,10 +54,46 @@ class ExportJob:
     precision: str
     device: str
     log: Callable[[str], None] = print
+    task: str = "classification"  # the run's: a vqa run's engine takes its question too
 
     @property
     def image_size(self) -> tuple[int, int]:
         return self.deploy.backbone.preprocessor.image_size
+
+    def graph_inputs(self) -> list[GraphInput]:
+        """What the engine takes, with samples to trace: pixels, and for a vqa run the
+        question's tokens (`graph_inputs`)."""
+        return graph_inputs(self.deploy, self.task, self.config.batch_min,
+                            self.config.batch_max)
+
+
+def typical_question_tokens(backbone) -> int:
+    """A typical question's tokens on `backbone`'s tokenizer (the longer of the typical
+    questions, within its limit): the OPT length of a TensorRT profile."""
+    tokens = backbone.tokenize(list(TYPICAL_QUESTIONS))["input_ids"]
+    return min(int(tokens.shape[1]), backbone.max_text_length)
+
+
+def graph_inputs(deploy: nn.Module, task: str, batch_min: int,
+                 batch_max: int) -> list[GraphInput]:
+    """The engine's inputs: `pixel_values` with a dynamic batch; for a vqa run also
+    `input_ids` and `attention_mask` [batch, tokens], the token axis dynamic from 1 to the
+    tokenizer's limit (`Backbone.max_text_length`). The samples are a batch of at least 2
+    (torch.export specialises a size of 1) of two questions of different lengths, so the
+    sample has padded rows, and as many tokens as no batch (two equal sizes may be tied)."""
+    batch = max(2, batch_min)
+    image_size = deploy.backbone.preprocessor.image_size
+    pixels = batch_input(INPUT_NAME, torch.randn(batch, 3, *image_size), batch_min, batch_max)
+    if task != "vqa":
+        return [pixels]
+    backbone = deploy.backbone
+    tokens = backbone.tokenize([TYPICAL_QUESTIONS[row % 2] for row in range(batch)])
+    ids, mask = (tokens[name].cpu() for name in QUESTION_INPUT_NAMES)
+    if ids.shape[1] == batch:
+        ids, mask = ids[:, :-1], mask[:, :-1]
+    axes = {0: pixels.axes[0], 1: Axis("tokens", 1, backbone.max_text_length)}
+    return [pixels, GraphInput(QUESTION_INPUT_NAMES[0], ids, axes),
+            GraphInput(QUESTION_INPUT_NAMES[1], mask, axes)]
 
 
 @dataclass
@@ -94,20 +136,28 @@ def _aoti_build_problem(device: str) -> str | None:
 
 def _build_onnx(job: ExportJob, staging: Path) -> Built:
     path = staging / ONNX_FILE
-    sample = torch.randn(max(2, job.config.batch_min), 3, *job.image_size)
-    interface, details = onnx_graph(job.deploy, path, sample, job.config, job.log)
-    files = sorted(p.name for p in staging.iterdir())  # model.onnx (+ model.onnx.data)
+    interface, details = onnx_graph_of(job.deploy, path, job.graph_inputs(), job.config,
+                                       job.log)
+    files = sorted(p.name for p in staging.iterdir() if p.is_file())  # + model.onnx.data
     return Built("onnxruntime", files, OnnxSession(path), details, interface)
 
 
 def onnx_graph(model: nn.Module, path: Path, sample: torch.Tensor, config: ExportConfig,
                log: Callable[[str], None], input_name: str = INPUT_NAME,
                output_names: tuple[str, ...] = OUTPUT_NAMES) -> tuple[dict, dict]:
+    """`onnx_graph_of` a one-input model (`sample`: batch first, a batch of at least 2)."""
+    return onnx_graph_of(model, path,
+                         [batch_input(input_name, sample, config.batch_min, config.batch_max)],
+                         config, log, output_names)
+
+
+def onnx_graph_of(model: nn.Module, path: Path, inputs: list[GraphInput],
+                  config: ExportConfig, log: Callable[[str], None],
+                  output_names: tuple[str, ...] = OUTPUT_NAMES) -> tuple[dict, dict]:
     """Export `model` to ONNX at `path` (`onnx.export_graph`) and lint it for
     `config.target` (an error for tensorrt, warnings logged otherwise): the graph's
     interface (inputs, outputs, opset) and the facts its record keeps."""
-    info = export_graph(model, path, sample, input_name, output_names, config.batch_min,
-                        config.batch_max, config.opset)
+    info = export_graph(model, path, inputs, output_names, config.opset)
     findings = check_for_target(lint_onnx(path), config.target)
     for finding in findings:
         log(f"warning: {finding}")
@@ -119,8 +169,7 @@ def onnx_graph(model: nn.Module, path: Path, sample: torch.Tensor, config: Expor
 
 def _build_aoti(job: ExportJob, staging: Path) -> Built:
     path = staging / PACKAGE_FILE
-    details = compile_aoti(job.deploy, path, job.image_size, job.config.batch_min,
-                           job.config.batch_max, job.device, job.precision)
+    details = compile_inputs(job.deploy, path, job.graph_inputs(), job.device, job.precision)
     job.log(f"compiled {PACKAGE_FILE} for {job.device} in {details['compile_seconds']:.1f} s")
     return Built("aoti", [PACKAGE_FILE], AotiPackage(path, job.device, job.precision), details,
                  device=job.device)
@@ -135,7 +184,16 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
     config = job.config
     profile = Profile.for_batches(config.batch_min, config.batch_opt, config.batch_max,
                                   job.image_size)
+    questions: tuple[Profile, ...] = ()
+    if job.task == "vqa":
+        backbone = job.deploy.backbone
+        questions = question_profiles(config.batch_min, config.batch_opt, config.batch_max,
+                                      job.image_size, typical_question_tokens(backbone),
+                                      backbone.max_text_length)[1:]
     extra_files = []
+    if job.precision == "int8" and job.task == "vqa":
+        raise ConfigError("a TensorRT INT8 engine is calibrated on images alone; for a vqa "
+                          "run quantize the ONNX graph instead (--int8 with --format onnx)")
     if job.precision == "int8":  # explicit quantization: a symmetric QDQ graph, calibrated
         reader = calibration_reader(load_run_config(job.run_dir), job.deploy.backbone.preprocessor,
                                     config.calib, config.calib_seed)
@@ -143,8 +201,10 @@ def _build_tensorrt(job: ExportJob, staging: Path) -> Built:
         extra_files = details["qdq"]["files"]  # the graph the engine was built from
     else:
         engine, sidecar, details = build_engine(onnx_path, staging, profile, job.precision,
-                                                job.log)
+                                                job.log, questions)
     details.update({"engine": engine, "sidecar": sidecar, "profile": profile.to_dict()})
+    if questions:
+        details["question_profiles"] = [p.to_dict() for p in questions]
     return Built("tensorrt", [engine, sidecar, *extra_files],
                  load_engine(staging, engine, sidecar), details, device="cuda")
 

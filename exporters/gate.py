@@ -26,6 +26,7 @@ import torch
 from mmdeploy.data import Sample, read_image
 from mmdeploy.errors import MmdeployError, ParityError
 from mmdeploy.images import Preprocessor
+from mmdeploy.questions import QuestionTokenizer
 from mmdeploy.runs import RunConfig
 
 from .parity import row_cosines
@@ -55,15 +56,23 @@ class GateBounds:
 
 @dataclass
 class GateData:
-    """Preprocessed gate images, their labels (-1: unlabelled) and the FP32 model's logits."""
+    """Preprocessed gate images, their labels (-1: unlabelled) and the FP32 model's logits;
+    a vqa run's also the questions asked of them (input_ids, attention_mask), the labels
+    their answers."""
 
     pixels: np.ndarray
     labels: np.ndarray
     reference: np.ndarray
     split: str  # where the labelled images come from ("val"), or "none"
+    questions: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.pixels)
+
+    @property
+    def inputs(self) -> tuple[np.ndarray, ...]:
+        """What the engine takes: the pixels (and the questions' tokens)."""
+        return (self.pixels, *(self.questions or ()))
 
 
 @dataclass
@@ -136,21 +145,35 @@ def gate_samples(run: RunConfig) -> tuple[list[Sample], int]:
 
 def gate_data(run: RunConfig, reference: torch.nn.Module,
               preprocessor: Preprocessor) -> GateData:
-    """Gate images through the serving preprocessing, with the FP32 PyTorch model's logits."""
+    """Gate images through the serving preprocessing, with the FP32 PyTorch model's logits;
+    for a vqa run each held-out image with its question (tokenized as served, by the
+    backbone's tokenizer at its limit), its answer the label: the gate is on VQA accuracy."""
     samples, labelled = gate_samples(run)
     pixels = preprocessor([read_image(s) for s in samples])
     labels = np.array([s.label if i < labelled else -1 for i, s in enumerate(samples)])
+    questions = None
+    if run.task == "vqa":
+        backbone = reference.backbone
+        encoded = QuestionTokenizer(backbone.tokenizer, backbone.max_text_length).encode(
+            [s.question for s in samples])
+        questions = (encoded.input_ids, encoded.attention_mask)
+    data = GateData(pixels, labels, np.empty(0), "val" if labelled else "none", questions)
     with torch.inference_mode():
-        logits = [reference(torch.from_numpy(pixels[i:i + BATCH]))[0].numpy()
-                  for i in range(0, len(pixels), BATCH)]
-    return GateData(pixels, labels, np.concatenate(logits), "val" if labelled else "none")
+        data.reference = candidate_logits(
+            lambda *x: {"logits": reference(*map(torch.from_numpy, x))[0].numpy()},
+            data.inputs)
+    return data
 
 
-def candidate_logits(run: Callable[[np.ndarray], Mapping[str, np.ndarray]], pixels: np.ndarray,
+def candidate_logits(run: Callable[..., Mapping[str, np.ndarray]],
+                     inputs: np.ndarray | tuple[np.ndarray, ...],
                      batch: int = BATCH) -> np.ndarray:
-    """`run` (pixels -> outputs by name) over `pixels` in batches of `batch`: its logits."""
-    return np.concatenate([run(pixels[i:i + batch])["logits"]
-                           for i in range(0, len(pixels), batch)])
+    """`run` (the engine's inputs -> outputs by name) over `inputs` (pixels, or a tuple of
+    arrays with the same rows: a vqa engine's pixels and question tokens) in batches of
+    `batch`: its logits."""
+    arrays = inputs if isinstance(inputs, tuple) else (inputs,)
+    return np.concatenate([run(*(a[i:i + batch] for a in arrays))["logits"]
+                           for i in range(0, len(arrays[0]), batch)])
 
 
 def gate_check(run: RunConfig, reference: torch.nn.Module,
@@ -159,7 +182,7 @@ def gate_check(run: RunConfig, reference: torch.nn.Module,
     """The gate's figures for an INT8 engine (pixels -> outputs by name), in batches its
     profile takes."""
     data = gate_data(run, reference, reference.backbone.preprocessor)
-    report = measure(data, candidate_logits(candidate, data.pixels, min(batch, BATCH)), bounds)
+    report = measure(data, candidate_logits(candidate, data.inputs, min(batch, BATCH)), bounds)
     report.backend = backend
     return report
 

@@ -110,6 +110,9 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
                      for d in v.type.tensor_type.shape.dim] for v in values}
 
 
+Inputs = np.ndarray | tuple[np.ndarray, ...]  # a graph's inputs: pixels, or a vqa graph's three
+
+
 @dataclass(frozen=True)
 class Int8Options:
     """How the graph is quantized, beyond the method (see the module docstring)."""
@@ -191,7 +194,7 @@ class Quantizer:
         if self.options.smooth_alpha is not None:
             started = time.perf_counter()
             readers = smoothed_inputs(model, self.work)
-            maxima = activation_maxima(model, self.calibration.pixels, list(readers),
+            maxima = activation_maxima(model, self.calibration.inputs, list(readers),
                                        self.workdir)
             model, self.smoothing = smooth(model, maxima, readers, self.options.smooth_alpha)
             self.seconds += time.perf_counter() - started
@@ -390,7 +393,7 @@ class _Candidate:
 
 
 def quantize_gated(quantizer: Quantizer, gate: Callable[[Path], GateReport],
-                   probe: Callable[[], np.ndarray], log: Callable[[str], None] = print,
+                   probe: Callable[[], Inputs], log: Callable[[str], None] = print,
                    ) -> Int8Result:
     """Quantize, gate, and on failure move MatMul groups back to FP32 (see the module
     docstring for the order) until the gate passes or INT8 would stop paying.
@@ -444,7 +447,7 @@ def tensorrt_problems(path: Path) -> list[str]:
     return check_symmetric(onnx.load(str(path), load_external_data=False))
 
 
-def _fallback_groups(quantizer: Quantizer, now: _Candidate, probe: Callable[[], np.ndarray],
+def _fallback_groups(quantizer: Quantizer, now: _Candidate, probe: Callable[[], Inputs],
                      log: Callable[[str], None],
                      ) -> Iterator[tuple[str, list[str], float | None]]:
     """(why, group, sensitivity) in the order the fallback tries them: the structural
@@ -466,18 +469,18 @@ def _status(report: GateReport) -> str:
 
 
 def _ranked_groups(quantizer: Quantizer, quantized: Path, kept: list[str], nodes: list[str],
-                   probe: Callable[[], np.ndarray], log: Callable[[str], None],
+                   probe: Callable[[], Inputs], log: Callable[[str], None],
                    ) -> list[tuple[list[str], float]]:
     """Groups of consecutive `nodes`, most sensitive first: by how much the logit error on
     the probe images falls when that group too stays FP32 (beside `kept`). Ranked once: a group
     that helps only together with another (two layers that each ruin the output) still
     comes, later, before the share of FP32 work ends the search."""
-    pixels = probe()
+    pixels = probe()  # the graph's inputs: pixels, or a tuple with a vqa graph's questions
     reference = candidate_logits(OnnxSession(quantizer.source), pixels)
     baseline = logit_error(reference, candidate_logits(OnnxSession(quantized), pixels))
     size = -(-len(nodes) // MAX_GROUPS)
     groups = [nodes[i:i + size] for i in range(0, len(nodes), size)]
-    log(f"int8: ranking {len(groups)} group(s) of MatMuls by sensitivity on {len(pixels)} "
+    log(f"int8: ranking {len(groups)} group(s) of MatMuls by sensitivity on {len(reference)} "
         "training images")
     ranked = []
     for group in groups:

@@ -12,6 +12,12 @@ Non-finite values count as the worst possible figure (max abs inf, cosine -1), s
 never passes. The cases (`parity_inputs`) are fresh random pixels and real held-out images
 at batch 1, an odd batch and the largest of the profile (`parity_batches`); `export` and
 `verify` both check through `run_parity`.
+
+A vqa run's engine takes the question's tokens too (`question_parity_inputs`): the same
+batches, each at 1 token, the questions' own (padded to the batch's longest) and the
+tokenizer's maximum (a question over it, cut as the tokenizer cuts it, with the others
+padded to it); real images with their held-out questions, and fresh random pixels; and one
+check that a question padded inside a longer batch answers as it does alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from mmdeploy.config import ExportConfig
 from mmdeploy.data import read_image
 from mmdeploy.errors import ConfigError, ParityError
 from mmdeploy.images import Preprocessor
+from mmdeploy.questions import QuestionTokenizer
 from mmdeploy.runs import RunConfig
 
 Outputs = Mapping[str, np.ndarray]
@@ -166,7 +173,8 @@ def _top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float:
 
 @dataclass
 class ParityCheck:
-    """One input kind ("random" or "real") at one batch size.
+    """One input kind ("random" or "real"; for a vqa engine also what the questions are) at
+    one batch size (and, for a vqa engine, one number of question tokens).
 
     `metrics` is `compare()`'s result; `problems` lists structural mismatches, which fail
     the check and leave `metrics` empty.
@@ -177,10 +185,12 @@ class ParityCheck:
     metrics: dict[str, Any]
     passed: bool
     problems: list[str] = field(default_factory=list)
+    tokens: int | None = None
 
     @property
     def where(self) -> str:
-        return f"{self.inputs} inputs, batch {self.batch}"
+        tokens = "" if self.tokens is None else f", {self.tokens} token(s)"
+        return f"{self.inputs} inputs, batch {self.batch}{tokens}"
 
 
 class CheckReport(Protocol):
@@ -275,20 +285,24 @@ class ParityReport:
 
 
 def evaluate(
-    backend: str, precision: str, cases: Iterable[Case], logits_key: str = "logits"
+    backend: str, precision: str, cases: Iterable[Case], logits_key: str = "logits",
+    tokens: Iterable[int | None] | None = None,
 ) -> ParityReport:
     """Check each `(inputs_kind, batch, reference_outputs, candidate_outputs)` case against
-    DESIGN's criterion for `backend` at `precision`; never raises on a failed check."""
+    DESIGN's criterion for `backend` at `precision`; never raises on a failed check.
+    `tokens`: each case's number of question tokens (a vqa engine's), in order."""
     criterion = criterion_for(backend, precision)
     report = ParityReport(backend, precision, criterion)
-    for inputs, batch, reference, candidate in cases:
+    cases = list(cases)
+    for (inputs, batch, reference, candidate), length in zip(
+            cases, tokens if tokens is not None else [None] * len(cases), strict=True):
         problems = output_mismatches(reference, candidate)
         if problems:
-            report.checks.append(ParityCheck(inputs, batch, {}, False, problems))
+            report.checks.append(ParityCheck(inputs, batch, {}, False, problems, length))
             continue
         metrics = compare(reference, candidate, logits_key)
         passed = not criterion.violations(metrics)
-        report.checks.append(ParityCheck(inputs, batch, metrics, passed))
+        report.checks.append(ParityCheck(inputs, batch, metrics, passed, tokens=length))
     return report
 
 
@@ -302,26 +316,117 @@ def parity_batches(config: ExportConfig) -> list[int]:
     return sorted({config.batch_min, odd, config.batch_max})
 
 
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity case: what kind of inputs, and the inputs as the engine takes them
+    (pixels; for a vqa engine also input_ids and attention_mask). `alone`: the reference
+    answers each row on its own, its question unpadded, so the check is that a question
+    padded inside a longer batch answers as it does alone."""
+
+    kind: str
+    inputs: tuple[torch.Tensor, ...]
+    alone: bool = False
+
+    @property
+    def batch(self) -> int:
+        return len(self.inputs[0])
+
+    @property
+    def tokens(self) -> int | None:
+        return self.inputs[1].shape[1] if len(self.inputs) > 1 else None
+
+
 def parity_inputs(run: RunConfig, preprocessor: Preprocessor, batches: list[int],
-                  seed: int) -> list[tuple[str, torch.Tensor]]:
+                  seed: int) -> list[ParityCase]:
     """Fresh random pixels and real images (the run's held-out images) at each batch size."""
     generator = torch.Generator().manual_seed(seed)
     height, width = preprocessor.image_size
     real = preprocessor([read_image(s) for s in run.held_out_samples(max(batches))])
     cases = []
     for batch in batches:
-        cases.append(("random", torch.randn(batch, 3, height, width, generator=generator)))
-        cases.append(("real", torch.from_numpy(np.resize(real, (batch, *real.shape[1:])))))
+        cases.append(ParityCase("random", (torch.randn(batch, 3, height, width,
+                                                       generator=generator),)))
+        cases.append(ParityCase("real", (torch.from_numpy(
+            np.resize(real, (batch, *real.shape[1:]))),)))
     return cases
 
 
+def parity_cases(run: RunConfig, backbone, batches: list[int], seed: int,
+                 tokenizer: QuestionTokenizer | None = None) -> list[ParityCase]:
+    """The cases for the run's task on its `backbone` (preprocessing, and for a vqa run
+    the tokenizer: `tokenizer`, else the backbone's own at its limit)."""
+    if run.task != "vqa":
+        return parity_inputs(run, backbone.preprocessor, batches, seed)
+    tokenizer = tokenizer or QuestionTokenizer(backbone.tokenizer, backbone.max_text_length)
+    return question_parity_inputs(run, backbone.preprocessor, tokenizer, batches, seed)
+
+
+def question_parity_inputs(run: RunConfig, preprocessor: Preprocessor,
+                           tokenizer: QuestionTokenizer, batches: list[int],
+                           seed: int) -> list[ParityCase]:
+    """A vqa engine's cases: at each batch size, real held-out images with their own
+    questions at 1 token, at the questions' own length (padded to the batch's longest) and
+    at the tokenizer's maximum (the first question made longer than it and cut as the
+    tokenizer cuts it, the others padded to it); fresh random pixels with the real
+    questions; and at the odd batch, each question padded in the batch against itself
+    alone (`ParityCase.alone`)."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = preprocessor.image_size
+    samples = run.held_out_samples(max(batches))
+    if any(s.question is None for s in samples):
+        raise ConfigError("a vqa run's held-out samples have no questions to check with")
+    real = preprocessor([read_image(s) for s in samples])
+    odd = sorted(batches)[len(batches) // 2]
+    cases = []
+    for batch in batches:
+        rows = [i % len(samples) for i in range(batch)]
+        pixels = torch.from_numpy(real[rows])
+        questions = [samples[i].question for i in rows]
+        typical = _tokens(tokenizer, questions)
+        over = " ".join([questions[0]] * (tokenizer.max_length + 1))
+        longest = _tokens(tokenizer, [over, *questions[1:]])
+        first = tuple(t[:, :1].contiguous() for t in typical)
+        cases += [
+            ParityCase("real, 1 question token", (pixels, *first)),
+            ParityCase("real, the questions padded to the longest", (pixels, *typical)),
+            ParityCase("real, one question cut at the maximum, the others padded to it",
+                       (pixels, *longest)),
+            ParityCase("random pixels, real questions",
+                       (torch.randn(batch, 3, height, width, generator=generator), *typical)),
+        ]
+        if batch == odd:
+            cases.append(ParityCase("real, each question padded vs alone",
+                                    (pixels, *typical), alone=True))
+    return cases
+
+
+def _tokens(tokenizer: QuestionTokenizer, questions: list[str]) -> tuple[torch.Tensor, ...]:
+    encoded = tokenizer.encode(questions)
+    return torch.from_numpy(encoded.input_ids), torch.from_numpy(encoded.attention_mask)
+
+
 def run_parity(backend: str, precision: str, reference: Callable, candidate: Callable,
-               cases: list[tuple[str, torch.Tensor]]) -> ParityReport:
-    """`candidate` (pixels -> outputs by name) against the PyTorch `reference` on `cases`."""
+               cases: list[ParityCase]) -> ParityReport:
+    """`candidate` (numpy inputs -> outputs by name) against the PyTorch `reference` on
+    `cases`."""
     checks = []
     with torch.inference_mode():
-        for kind, pixels in tqdm(cases, desc=f"parity {backend}", unit="case", leave=False):
-            logits, embeddings = reference(pixels)
-            expected = {"logits": logits.numpy(), "embeddings": embeddings.numpy()}
-            checks.append((kind, len(pixels), expected, candidate(pixels.numpy())))
-    return evaluate(backend, precision, checks)
+        for case in tqdm(cases, desc=f"parity {backend}", unit="case", leave=False):
+            expected = _reference_outputs(reference, case)
+            checks.append((case.kind, case.batch, expected,
+                           candidate(*(x.numpy() for x in case.inputs))))
+    return evaluate(backend, precision, checks, tokens=[case.tokens for case in cases])
+
+
+def _reference_outputs(reference: Callable, case: ParityCase) -> dict[str, np.ndarray]:
+    if not case.alone:
+        logits, embeddings = reference(*case.inputs)
+        return {"logits": logits.numpy(), "embeddings": embeddings.numpy()}
+    pixels, input_ids, attention_mask = case.inputs
+    rows = []
+    for row in range(case.batch):
+        kept = attention_mask[row].bool()  # the question's own tokens, without the padding
+        rows.append(reference(pixels[row:row + 1], input_ids[row:row + 1, kept],
+                              attention_mask[row:row + 1, kept]))
+    return {"logits": torch.cat([r[0] for r in rows]).numpy(),
+            "embeddings": torch.cat([r[1] for r in rows]).numpy()}

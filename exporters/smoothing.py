@@ -80,11 +80,12 @@ def _plain(node: onnx.NodeProto) -> bool:
             and attrs.get("alpha", 1.0) == 1.0)
 
 
-def activation_maxima(model: onnx.ModelProto, pixels: np.ndarray, tensors: list[str],
-                      workdir: Path) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each of `tensors` over `pixels`, in FP32 ONNX
-    Runtime, `BATCH` images at a time (the graph, with those tensors as extra outputs, is
-    written to `workdir` for the while)."""
+def activation_maxima(model: onnx.ModelProto, pixels: np.ndarray | tuple[np.ndarray, ...],
+                      tensors: list[str], workdir: Path) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of each of `tensors` over `pixels` (or the graph's
+    inputs, a tuple: a vqa graph's pixels and question tokens), in FP32 ONNX Runtime,
+    `BATCH` images at a time (the graph, with those tensors as extra outputs, is written to
+    `workdir` for the while)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
@@ -96,8 +97,9 @@ def activation_maxima(model: onnx.ModelProto, pixels: np.ndarray, tensors: list[
     onnx.save(probe, str(path))
     session = OnnxSession(path)
     maxima: dict[str, np.ndarray] = {}
-    for start in range(0, len(pixels), BATCH):
-        outputs = session(pixels[start:start + BATCH])
+    inputs = pixels if isinstance(pixels, tuple) else (pixels,)
+    for start in range(0, len(inputs[0]), BATCH):
+        outputs = session(*(x[start:start + BATCH] for x in inputs))
         for name in tensors:
             channel_max = np.abs(outputs[name]).reshape(-1, outputs[name].shape[-1]).max(0)
             maxima[name] = np.maximum(maxima.get(name, 0.0), channel_max)

@@ -52,8 +52,11 @@ def timing_cache_path(gpu_name: str, tensorrt_version: str) -> Path:
 
 
 def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: str,
-                 log: Callable[[str], None] = print) -> tuple[str, str, dict]:
-    """Build `out_dir/model.<gpu>.<precision>.engine` and its sidecar from `onnx_path`.
+                 log: Callable[[str], None] = print,
+                 question_profiles: tuple[Profile, ...] = ()) -> tuple[str, str, dict]:
+    """Build `out_dir/model.<gpu>.<precision>.engine` and its sidecar from `onnx_path`;
+    a vqa engine's one optimization profile also spans its question inputs
+    (`question_profiles`: over batch and tokens).
 
     Returns (engine file name, sidecar file name, build facts for the manifest).
     """
@@ -73,7 +76,8 @@ def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: st
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     optimization = builder.create_optimization_profile()
-    optimization.set_shape(profile.input, profile.min, profile.opt, profile.max)
+    for each in (profile, *question_profiles):
+        optimization.set_shape(each.input, each.min, each.opt, each.max)
     config.add_optimization_profile(optimization)
     pinned = set()
     if precision != "fp32":
@@ -94,7 +98,8 @@ def build_engine(onnx_path: Path, out_dir: Path, profile: Profile, precision: st
     name = engine_file(here.gpu_name, precision)
     atomic_write_bytes(out_dir / name, bytes(serialized))
     sidecar = EngineSidecar(trt.__version__, here.gpu_name, here.compute_capability, profile,
-                            precision, sha256_file(onnx_path), len(pinned))
+                            precision, sha256_file(onnx_path), len(pinned),
+                            tuple(question_profiles))
     sidecar.save(out_dir / f"{name}.json")
     return name, f"{name}.json", {"build_seconds": round(seconds, 3), "fp32_layers": len(pinned),
                                   "timing_cache": str(cache_file)}

@@ -5,7 +5,10 @@
       client.py                  a tritonclient example using the toolkit's own preprocessing
       NAME/config.pbtxt          platform onnxruntime_onnx, dynamic batching, instance group
       NAME/labels.txt            class names, for Triton's classification extension
-      NAME/mmdeploy.json         source run, batch range, preprocessing, sha256 of the model
+      NAME/mmdeploy.json         source run, task, batch range, preprocessing, sha256 of the
+                                 model files
+      NAME/tokenizer/            a vqa run's tokenizer, saved with its export: the client
+                                 tokenizes each question with it (`QuestionTokenizer`)
       NAME/1/model.onnx (+ model.onnx.data)
       NAME_tensorrt/...          the same for a verified TensorRT engine (platform
                                  tensorrt_plan, 1/model.plan), when the run has one
@@ -25,7 +28,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -40,6 +43,7 @@ from mmdeploy.artifacts import (
     sha256_file,
 )
 from mmdeploy.errors import ArtifactError, ConfigError
+from mmdeploy.questions import TOKENIZER_DIR
 from mmdeploy.runs import load_run_config
 from mmdeploy.runtime.onnxruntime import ONNX_FILE
 from mmdeploy.runtime.tensorrt import EngineSidecar
@@ -123,6 +127,7 @@ class ModelSpec:
     batch_max: int
     instance_kind: str  # KIND_AUTO (GPU when the server has one) or KIND_GPU
     source: str  # the run's export record the files come from ("onnx", "tensorrt")
+    tokenizer: dict[str, Path] = field(default_factory=dict)  # a vqa run's: name -> file
 
 
 def build_config(spec: ModelSpec, interface: GraphInterface):
@@ -252,9 +257,11 @@ def plan_models(run_dir: RunDir, manifest: Manifest, name: str) -> list[ModelSpe
     if batch["min"] != 1:
         raise ConfigError(f"the export's batch range starts at {batch['min']}; Triton sends "
                           "any batch from 1 up, so export with --batch-range 1,OPT,MAX")
-    onnx_files = {n: run_dir.export_dir / n for n in onnx.files}
+    onnx_files = {n: run_dir.export_dir / n for n in onnx.files if "/" not in n}
+    tokenizer = {Path(n).name: run_dir.export_dir / n for n in onnx.files
+                 if n.startswith(f"{TOKENIZER_DIR}/")}
     specs = [ModelSpec(name, "onnxruntime_onnx", onnx_files, 1, batch["opt"], batch["max"],
-                       "KIND_AUTO", "onnx")]
+                       "KIND_AUTO", "onnx", tokenizer)]
     engine = manifest.record("tensorrt")
     if engine is not None:
         plan = engine.details["engine"]
@@ -266,7 +273,7 @@ def plan_models(run_dir: RunDir, manifest: Manifest, name: str) -> list[ModelSpe
         if low == 1:
             specs.append(ModelSpec(f"{name}_tensorrt", "tensorrt_plan",
                                    {"model.plan": run_dir.export_dir / plan},
-                                   low, opt, high, "KIND_GPU", "tensorrt"))
+                                   low, opt, high, "KIND_GPU", "tensorrt", tokenizer))
     return specs
 
 
@@ -320,6 +327,10 @@ def _write_model(model_dir: Path, spec: ModelSpec, run_dir: RunDir, run) -> None
     version_dir.mkdir(parents=True)
     for target, source in spec.files.items():
         shutil.copyfile(source, version_dir / target)
+    if spec.tokenizer:
+        (model_dir / TOKENIZER_DIR).mkdir()
+        for target, source in spec.tokenizer.items():
+            shutil.copyfile(source, model_dir / TOKENIZER_DIR / target)
     graph = model_dir / VERSION / ONNX_FILE
     if spec.platform == "tensorrt_plan":  # the graph the engine was built from, for checks
         graph = model_dir / "source" / ONNX_FILE
@@ -334,7 +345,7 @@ def _write_model(model_dir: Path, spec: ModelSpec, run_dir: RunDir, run) -> None
     files = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*/*")
                    if p.is_file())
     atomic_write_json(model_dir / METADATA_FILE, {
-        "run": str(run_dir.root.resolve()), "adapter": run.adapter,
+        "run": str(run_dir.root.resolve()), "adapter": run.adapter, "task": run.task,
         "graph": graph.relative_to(model_dir).as_posix(),
         "batch_range": {"min": spec.batch_min, "opt": spec.batch_opt, "max": spec.batch_max},
         "preprocessing": run.preprocessing,

@@ -14,14 +14,15 @@ from mmdeploy.runs import RunConfig, load_model
 from mmdeploy.runtime.onnxruntime import OnnxSession
 
 from .gate import GateBounds, GateReport, candidate_logits, gate_check, gate_data, measure
-from .parity import CheckReport, parity_batches, parity_inputs, run_parity
+from .parity import CheckReport, parity_batches, parity_cases, run_parity
 
 
 def verify_run(run_path: str | Path,
                log: Callable[[str], None] = print) -> list[CheckReport]:
     """Hashes of every exported file, then each export's check measured afresh, under the
     bounds it was published with: parity on fresh random inputs and real images at its own
-    batch range, or for an INT8 graph or engine its accuracy gate."""
+    batch range (a vqa run's: with real questions at several lengths, tokenized by the
+    tokenizer saved with the export), or for an INT8 graph or engine its accuracy gate."""
     from mmdeploy.runtime import BACKEND_TABLE, load_predictor
 
     run_dir = RunDir(Path(run_path))
@@ -49,9 +50,10 @@ def verify_run(run_path: str | Path,
                                 GateBounds(**record.check["bounds"]), f"{name} int8", high)
         else:
             batches = parity_batches(ExportConfig(batch_min=low, batch_opt=low, batch_max=high))
-            cases = parity_inputs(run, reference.backbone.preprocessor, batches, seed)
-            report = run_parity(record.backend, record.precision, reference,
-                                predictor.run_pixels, cases)
+            tokenizer = predictor.question_tokenizer if run.task == "vqa" else None
+            cases = parity_cases(run, reference.backbone, batches, seed, tokenizer)
+            engine = predictor.run_questions if run.task == "vqa" else predictor.run_pixels
+            report = run_parity(record.backend, record.precision, reference, engine, cases)
         log(f"{record.backend} {record.precision}: {'passed' if report.passed else 'FAILED'} "
             f"{report.title} ({report.summary()})")
         reports.append(report)
@@ -64,7 +66,7 @@ def verify_int8(export_dir: Path, record: ExportRecord, run: RunConfig, referenc
     bounds = GateBounds(**record.check["bounds"])
     data = gate_data(run, reference, reference.backbone.preprocessor)
     report = measure(data, candidate_logits(OnnxSession(export_dir / record.main_file),
-                                            data.pixels), bounds)
+                                            data.inputs), bounds)
     status = "passed" if report.passed else "FAILED"
     log(f"{report.backend} ({record.details['method']}): {status} the accuracy gate "
         f"({report.summary()})")

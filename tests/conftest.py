@@ -321,3 +321,14 @@ def vqa_run(vqa_manifest, tmp_path_factory) -> Path:
                      "--max-steps", 6, "--batch-size", 8])
     assert train.code == 0, str(train)
     return path
+
+
+@pytest.fixture(scope="session")
+def vqa_export_run(vqa_run, tmp_path_factory) -> Path:
+    """A copy of `vqa_run` exported to ONNX (the two-input engine: pixels, input_ids,
+    attention_mask; its tokenizer in export/tokenizer/), batch 1..32. Read-only: copy it
+    before changing anything."""
+    path = Path(shutil.copytree(vqa_run, tmp_path_factory.mktemp("runs") / "vqa-exported"))
+    export = run_cli(["export", "--run", path, "--format", "onnx"])
+    assert export.code == 0, str(export)
+    return path

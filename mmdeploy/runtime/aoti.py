@@ -23,8 +23,9 @@ def device_problem(device: str) -> str | None:
 
 
 class AotiPackage:
-    """A loaded `.pt2` package: its one input (numpy, FP32: pixel_values, or a shared trunk's
-    features) in, outputs by name (`output_names`, in the package's order)."""
+    """A loaded `.pt2` package: its inputs (numpy: pixel_values, or a shared trunk's
+    features, FP32; a vqa engine's token ids and mask too, int64) in, outputs by name
+    (`output_names`, in the package's order)."""
 
     def __init__(self, path: Path, device: str, precision: str,
                  output_names: tuple[str, ...] = OUTPUT_NAMES):
@@ -39,9 +40,11 @@ class AotiPackage:
             raise ArtifactError(f"{path}: AOTInductor cannot load it ({first_line})") from None
 
     @torch.inference_mode()
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        inputs = torch.from_numpy(pixel_values).to(device=self.device, dtype=self.dtype)
-        outputs = self.runner(inputs)
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        tensors = [torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
+                   if np.issubdtype(x.dtype, np.floating)
+                   else torch.from_numpy(x).to(self.device) for x in inputs]
+        outputs = self.runner(*tensors)
         if isinstance(outputs, torch.Tensor):  # a one-output graph (a shared trunk)
             outputs = (outputs,)
         return {name: tensor.float().cpu().numpy()
@@ -64,3 +67,7 @@ class AotiPredictor(Predictor):
 
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         return self.package(pixel_values)
+
+    def run_questions(self, pixel_values: np.ndarray, input_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return self.package(pixel_values, input_ids, attention_mask)

@@ -15,6 +15,7 @@ from ..errors import ArtifactError, BackendUnavailableError, ConfigError
 from ..interface import INPUT_NAME, QUESTION_INPUT_NAMES
 from .base import Predictor
 from .records import SERVING_PRECISIONS
+from .tensorrt import Profile, question_profiles
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # the quantized graph, published only when it passed its gate
@@ -82,26 +83,29 @@ def _tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def _provider_options(name: str, profile: tuple[tuple[int, ...], ...] | None) -> dict:
+def provider_options(name: str, profiles: Sequence[Profile] | None) -> dict:
     """TensorRT provider: cache engines across sessions and build one profile for the whole
-    batch range (otherwise it rebuilds an engine for every new batch size)."""
+    batch range (otherwise it rebuilds an engine for every new batch size), over every
+    input (a vqa graph's question inputs over their tokens too): "name:1x3x32x32,...",
+    one string each for min, opt and max."""
     if name != "TensorrtExecutionProvider":
         return {}
     options = {"trt_engine_cache_enable": "True",
                "trt_engine_cache_path": str(default_cache_dir() / "ort-tensorrt")}
-    if profile is not None:
-        for key, shape in zip(("min", "opt", "max"), profile, strict=True):
-            options[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:{'x'.join(map(str, shape))}"
+    if profiles:
+        for key in ("min", "opt", "max"):
+            options[f"trt_profile_{key}_shapes"] = ",".join(
+                f"{p.input}:{'x'.join(map(str, getattr(p, key)))}" for p in profiles)
     return options
 
 
 def create_session(path: Path, threads: int | None = None,
-                   profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True,
+                   profile: Sequence[Profile] | None = None, arena: bool = True,
                    initializers: Sequence[tuple[str, object]] = (),
                    entries: Mapping[str, str] | None = None):
     """An InferenceSession on the best provider present (TensorRT, CUDA, else CPU).
 
-    `profile` is the (min, opt, max) input shape, for the TensorRT provider. `arena=False`:
+    `profile`: each input's (min, opt, max) shapes, for the TensorRT provider. `arena=False`:
     no CPU memory arena, so memory freed after a call goes back to the heap for the next
     session instead of staying in this session's arena (see `runtime.shared`).
     `initializers`: (name, OrtValue) pairs used instead of the graph's own initializers of
@@ -120,7 +124,7 @@ def create_session(path: Path, threads: int | None = None,
         options.add_initializer(name, value)
     for key, value in (entries or {}).items():
         options.add_session_config_entry(key, value)
-    providers = [(name, _provider_options(name, profile)) for name in choice.providers]
+    providers = [(name, provider_options(name, profile)) for name in choice.providers]
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
@@ -138,7 +142,7 @@ class OnnxSession:
     """
 
     def __init__(self, path: Path, threads: int | None = None,
-                 profile: tuple[tuple[int, ...], ...] | None = None, arena: bool = True,
+                 profile: Sequence[Profile] | None = None, arena: bool = True,
                  initializers: Sequence[tuple[str, object]] = (),
                  entries: Mapping[str, str] | None = None):
         self.session = create_session(path, threads, profile, arena, initializers, entries)
@@ -152,8 +156,10 @@ class OnnxSession:
     def on_gpu(self) -> bool:
         return self.provider != CPU_PROVIDER
 
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run_feeds({self.input_name: pixel_values})
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for the graph's inputs in its order (pixel_values; a vqa engine's also
+        input_ids and attention_mask)."""
+        return self.run_feeds(dict(zip(self.input_names, inputs, strict=True)))
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.on_gpu:
@@ -181,14 +187,22 @@ class OnnxRuntimePredictor(Predictor):
             raise ConfigError(f"unknown precision {precision!r}; choose from "
                               f"{', '.join(SERVING_PRECISIONS)}")
         super().__init__(run_path, "int8" if precision == "int8" else "onnx")
-        low, high = self.batch_range
-        height, width = self.preprocessor.image_size
-        profile = tuple((batch, 3, height, width)
-                        for batch in (low, self.record.batch_range.get("opt", high), high))
         self.session = OnnxSession(self.run_dir.export_dir / self.record.main_file, threads,
-                                   profile)
+                                   self.profiles())
         self.device = "cuda" if self.session.on_gpu else "cpu"
         self.precision = precision
+
+    def profiles(self) -> tuple[Profile, ...]:
+        """The inputs' shapes for the TensorRT provider: the record's batch range, and a
+        vqa graph's question lengths (1, a typical question's, the tokenizer's limit)."""
+        low, high = self.batch_range
+        opt = self.record.batch_range.get("opt", high)
+        details = self.record.details
+        if self.task == "vqa":
+            return question_profiles(low, opt, high, self.preprocessor.image_size,
+                                     details["typical_question_tokens"],
+                                     details["max_question_tokens"])
+        return (Profile.for_batches(low, opt, high, self.preprocessor.image_size),)
 
     def describe(self) -> str:
         return f"onnxruntime ({self.session.provider})"

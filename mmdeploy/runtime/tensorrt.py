@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ..errors import (
     EngineIncompatibleError,
     InputError,
 )
-from ..interface import INPUT_NAME
+from ..interface import INPUT_NAME, QUESTION_INPUT_NAMES
 from .base import Predictor
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -72,6 +73,38 @@ class Profile:
         return cls(data["input"], tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
 
+def question_profiles(batch_min: int, batch_opt: int, batch_max: int,
+                      image_size: tuple[int, int], tokens_opt: int,
+                      tokens_max: int) -> tuple[Profile, ...]:
+    """One optimization profile over both axes of a vqa engine's three inputs: pixels over
+    the batch; input_ids and attention_mask [batch, tokens] over the batch and from 1 token
+    up to the tokenizer's limit, OPT at a typical question's length."""
+    if not 1 <= tokens_opt <= tokens_max:
+        raise ValueError(f"tokens must satisfy 1 <= opt <= max, got {tokens_opt}, {tokens_max}")
+    pixels = Profile.for_batches(batch_min, batch_opt, batch_max, image_size)
+    return (pixels, *(Profile(name, (batch_min, 1), (batch_opt, tokens_opt),
+                              (batch_max, tokens_max)) for name in QUESTION_INPUT_NAMES))
+
+
+def check_inputs(profiles: Sequence[Profile], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse inputs an engine built with `profiles` cannot take, naming the input: one
+    missing or unknown, one outside its range, or a batch (or a question's tokens) that
+    differs between the inputs."""
+    by_name = {p.input: p for p in profiles}
+    if set(shapes) != set(by_name):
+        raise InputError(f"inputs {', '.join(map(repr, shapes))}; the engine takes "
+                         f"{', '.join(map(repr, by_name))}")
+    for name, shape in shapes.items():
+        by_name[name].check(name, shape)
+    batches = {int(shape[0]) for shape in shapes.values()}
+    if len(batches) > 1:
+        raise InputError(f"the inputs have different batch sizes ({sorted(batches)})")
+    tokens = {int(shapes[n][1]) for n in QUESTION_INPUT_NAMES if n in shapes}
+    if len(tokens) > 1:
+        raise InputError(f"input_ids and attention_mask have different lengths "
+                         f"({sorted(tokens)})")
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
     """What an engine is tied to: the TensorRT version and the GPU."""
@@ -92,15 +125,26 @@ class EngineSidecar:
     precision: str
     onnx_sha256: str
     fp32_layers: int = 0
+    # a vqa engine's: input_ids' and attention_mask's, over batch and tokens
+    question_profiles: tuple[Profile, ...] = ()
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        """Every input's profile, pixel_values first."""
+        return (self.profile, *self.question_profiles)
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {**asdict(self), "profile": self.profile.to_dict()})
+        atomic_write_json(path, {**asdict(self), "profile": self.profile.to_dict(),
+                                 "question_profiles": [p.to_dict()
+                                                       for p in self.question_profiles]})
 
     @classmethod
     def load(cls, path: Path) -> EngineSidecar:
         data = read_json(path)
         try:
-            return cls(**{**data, "profile": Profile.from_dict(data["profile"])})
+            return cls(**{**data, "profile": Profile.from_dict(data["profile"]),
+                          "question_profiles": tuple(Profile.from_dict(p) for p in
+                                                     data.get("question_profiles", []))})
         except (TypeError, KeyError) as exc:
             raise ArtifactError(f"{path}: not an engine sidecar ({exc})") from None
 
@@ -143,17 +187,19 @@ def runtime_info() -> RuntimeInfo:
 
 
 class TensorRTEngine:
-    """A deserialized engine on CUDA device 0: pixel_values (numpy) in, outputs by name.
+    """A deserialized engine on CUDA device 0: pixel_values (numpy; a vqa engine's also
+    input_ids and attention_mask) in, outputs by name.
 
-    The sidecar's profile is checked before every run, so an out-of-range batch is an
-    InputError naming the input and its range rather than a TensorRT error.
+    The sidecar's profiles are checked before every run, so an out-of-range batch (or
+    question length) is an InputError naming the input and its range rather than a
+    TensorRT error.
     """
 
     def __init__(self, path: Path, sidecar: EngineSidecar):
         import tensorrt
         import torch
 
-        self.path, self.profile = path, sidecar.profile
+        self.path, self.profile, self.profiles = path, sidecar.profile, sidecar.profiles
         self._logger = tensorrt.Logger(tensorrt.Logger.WARNING)
         self._runtime = tensorrt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -166,14 +212,17 @@ class TensorRTEngine:
         self._dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = torch.cuda.Stream()
 
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        self.profile.check(INPUT_NAME, pixel_values.shape)  # before the engine sees it
+        feeds = dict(zip((p.input for p in self.profiles), inputs, strict=True))
+        check_inputs(self.profiles, {n: x.shape for n, x in feeds.items()})  # before TensorRT
         with torch.cuda.stream(self.stream):
-            pixels = torch.from_numpy(pixel_values).to("cuda", self._dtypes[INPUT_NAME])
-            self.context.set_input_shape(INPUT_NAME, tuple(pixels.shape))
-            self.context.set_tensor_address(INPUT_NAME, pixels.data_ptr())
+            tensors = {n: torch.from_numpy(x).to("cuda", self._dtypes[n])
+                       for n, x in feeds.items()}
+            for name, tensor in tensors.items():
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                self.context.set_tensor_address(name, tensor.data_ptr())
             outputs = {}
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
@@ -210,6 +259,10 @@ class TensorRTPredictor(Predictor):
 
     def run_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         return self.engine(pixel_values)
+
+    def run_questions(self, pixel_values: np.ndarray, input_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        return self.engine(pixel_values, input_ids, attention_mask)
 
 
 def _torch_dtype(trt_dtype):

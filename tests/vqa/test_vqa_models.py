@@ -177,10 +177,12 @@ def test_train_cli_records_the_vqa_task(cli, tmp_path, vqa_manifest):
     assert config["task"] == "vqa" and config["adapter"] == "product-fusion"
     assert config["class_names"] == sorted(["red", "green", "blue", "circle", "square",
                                             "yes", "no"])
-    export = cli(["export", "--run", out])
-    assert export.code == 1 and export.error_lines() == [
-        "error: export: this is a vqa run (image + question -> answer); its export and "
-        "serving are not built yet, only training is"]
+    export = cli(["export", "--run", out, "--format", "onnx"])  # the two-input engine
+    assert export.code == 0, export
+    record = json.loads((out / "export" / "manifest.json").read_text())["exports"]["onnx"]
+    assert [i["name"] for i in record["inputs"]] == ["pixel_values", "input_ids",
+                                                     "attention_mask"]
+    assert record["check"]["passed"] and "tokenizer/question_limits.json" in record["files"]
     refused = cli(["train", "--adapter", "zero-shot", "--data", vqa_manifest, "--out",
                    tmp_path / "zs"])
     assert refused.code == 1 and refused.error_lines() == [
