@@ -32,8 +32,8 @@ from ..images import MAX_IMAGE_PIXELS, ImageSource, Preprocessor, image_pixels, 
 from ..info import describe_run
 from ..questions import check_question
 from ..rows import answer_row, error_row, prediction_row, question_error_row, shown_question
-from ..runtime.base import Answers
 from ..runtime import default_precision, load_predictor, pick_backend
+from ..runtime.base import Answers
 
 THUMBNAIL_SIZE = 256
 
