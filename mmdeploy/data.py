@@ -103,19 +103,25 @@ def data_task(source: str) -> str:
 
 
 def manifest_columns(path: pathlib.Path, lenient: bool = False) -> list[str]:
-    """A CSV's header, or the keys of a JSONL manifest's first object (`lenient`: read as
-    `manifest_lines(questions=True)` reads it)."""
-    text = _read_text(path, lenient)
-    if path.suffix.lower() == ".csv":
-        return next(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True), [])
-    for line in text.split("\n"):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                return []
-            return list(row) if isinstance(row, dict) else []
-    return []
+    """A CSV's header, or the keys of a JSONL manifest's first object, read from the start of
+    the file only (`lenient`: as `manifest_lines(questions=True)` decodes it). A file that
+    cannot be read, or is not UTF-8 where it was read, is `_read_text`'s error."""
+    errors = "surrogateescape" if lenient else "strict"
+    try:
+        with open(path, encoding="utf-8-sig", errors=errors, newline="") as handle:
+            if path.suffix.lower() == ".csv":
+                return next(csv.reader(handle, skipinitialspace=True), [])
+            line = next((line for line in handle if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        _read_text(path, lenient)  # raises the one-line error naming the file (and byte)
+        raise
+    except csv.Error:
+        return []
+    try:
+        row = json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return []
+    return list(row) if isinstance(row, dict) else []
 
 
 def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
