@@ -194,19 +194,25 @@ def test_a_classification_run_refuses_questions_in_one_line(cli, expect_error, t
 
 
 def test_resume_keys_rows_by_image_and_question(cli, vqa_run, vqa_manifest, tmp_path):
-    """A run cut after 37 rows plus a torn line, resumed, is byte for byte the
-    uninterrupted run (batch size 1: every pair is answered alone in both)."""
+    """A run cut after 13 rows plus a torn line, resumed, is byte for byte the
+    uninterrupted run (batch size 1: every pair is answered alone in both). 10 images, each
+    asked its 4 questions."""
+    with open(vqa_manifest, newline="") as handle:
+        lines = list(csv.DictReader(handle))[:40]
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("path,question\n" + "".join(
+        f"{vqa_manifest.parent / line['path']},{line['question']}\n" for line in lines))
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
     args = ["--batch-size", 1, "--workers", 0]
-    assert cli(["infer", vqa_run, vqa_manifest, "-o", whole, *args]).code == 0
+    assert cli(["infer", vqa_run, manifest, "-o", whole, *args]).code == 0
     lines = whole.read_bytes().split(b"\n")
-    cut.write_bytes(b"\n".join(lines[:37]) + b"\n" + lines[37][:20])
-    result = cli(["infer", vqa_run, vqa_manifest, "-o", cut, "--resume", *args])
+    cut.write_bytes(b"\n".join(lines[:13]) + b"\n" + lines[13][:20])
+    result = cli(["infer", vqa_run, manifest, "-o", cut, "--resume", *args])
     assert result.code == 0, str(result)
-    assert "83 rows written (0 errors, 37 already done)" in result.stdout
+    assert "27 rows written (0 errors, 13 already done)" in result.stdout
     assert cut.read_bytes() == whole.read_bytes()
-    again = cli(["infer", vqa_run, vqa_manifest, "-o", cut, "--resume"])
-    assert "0 rows written (0 errors, 120 already done)" in again.stdout
+    again = cli(["infer", vqa_run, manifest, "-o", cut, "--resume"])
+    assert "0 rows written (0 errors, 40 already done)" in again.stdout
 
 
 def test_the_same_pair_listed_twice_gets_one_row(cli, vqa_run, images, tmp_path):
