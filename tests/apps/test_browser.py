@@ -76,8 +76,11 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
             page.goto(vqa_server.url)
             button = page.get_by_role("button", name="Answer", exact=True)
             button.wait_for()
-            page.set_input_files("input[type=file]", str(image))
-            page.get_by_text(image.name).first.wait_for()
+            # The images' input, not the Dataframe's (a table can take a CSV upload too)
+            images = page.locator("input[type=file][multiple]")
+            images.wait_for(state="attached")
+            images.set_input_files(str(image))
+            page.get_by_text(image.name).first.wait_for()  # the upload has landed
             page.get_by_label("Question").fill(question)
             button.click()
             status = page.get_by_text("1 image in")
@@ -87,11 +90,14 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
 
             # Examples of two inputs are a table: a row per (image, question) pair.
             example = page.locator("tr.tr-body").first
+            example_name = example.locator("td").nth(0).inner_text().strip()
             example_question = example.locator("td").nth(1).inner_text().strip()
             example.click()
-            page.get_by_text(f": {example_question} ").first.wait_for(timeout=30_000)
+            # its thumbnail's caption: the example's file, its question and the answer
+            page.get_by_text(f"{example_name}: {example_question} ").first.wait_for(
+                timeout=30_000)
             page.screenshot(path=tmp_path / "vqa.png", full_page=True)
         finally:
             browser.close()
     assert shown == expected and caption >= 1
-    assert example_question.endswith("?")
+    assert example_name.endswith(".png") and example_question.endswith("?")
