@@ -4,9 +4,14 @@ N replicas, each holding one predictor (a `Classifier`, as in the Gradio app), b
 Serve's HTTP proxy:
 
     POST /predict  multipart/form-data, one `files` part per image
-                   (curl -F files=@cat.jpg -F files=@dog.png URL/predict):
+                   (curl -F files=@cat.jpg -F files=@dog.png URL/predict); a vqa run's
+                   request also has `question` fields: one that asks every image, or one
+                   per image in upload order (-F question="what color is the shape?"):
                    200 {"rows": [the `mmdeploy infer` row of each image, in upload order],
                    "backend": ...}; an image that does not decode gets its error row.
+                   422 {"error": ...} for a question that cannot be asked (empty, not
+                   UTF-8, absurdly long, none or too many for a vqa run, any for a
+                   classification run), before any image is decoded;
                    400 {"error": ...} when no image decodes or a request breaks a limit,
                    413 for a body, a file or a file count over the limits (checked as the
                    body streams in: see `uploads`), 411 for a body that does not say its
@@ -45,9 +50,19 @@ from ray import serve
 from ..errors import InputError
 from ..inference.ray_cluster import PredictorSpec, RayOptions, gpus_per_worker, ray_session
 from ..runtime import pick_backend
+from ..runtime.base import Answers
 from .listen import bind
-from .service import Classifier, ServeLimits
-from .uploads import UploadRefused, read_uploads
+from .service import Classifier, ServeLimits, pair_questions
+from .uploads import UploadRefused, read_parts, uploaded_files
+
+QUESTION_FIELD = "question"
+
+
+class QuestionRefused(InputError):
+    """A request's questions do not fit the run (422). Defined above the deployment: in a
+    Serve replica, a name defined below it was not found (NameError)."""
+
+    status = 422
 
 APP_NAME = "mmdeploy"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
@@ -86,23 +101,43 @@ class ClassifierDeployment:
         self.serving = {key: value for key, value in asdict(config).items()
                         if key not in ("address", "limits", "show_paths")}
         self.serving["limits"] = config.limits.describe()
-        self.predict_batch.set_max_batch_size(config.concurrency)
-        self.predict_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
+        for batched in (self.predict_batch, self.answer_batch):
+            batched.set_max_batch_size(config.concurrency)
+            batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         uploads: list[tuple[str, bytes]] = []
         try:
-            uploads = await self._uploads(request)
+            uploads, questions = await self._uploads(request)
+            asked = self._questions(questions, len(uploads))
             decoded = await asyncio.to_thread(self.classifier.decode, uploads)
-            probs, labels = await self.predict_batch(decoded.pixels)
+            if asked is None:
+                rows = self.classifier.fill_rows(decoded, *await self.predict_batch(
+                    decoded.pixels))
+            else:
+                answers = await self.answer_batch(
+                    (decoded.pixels, [asked[position] for position in decoded.positions]))
+                rows = self.classifier.fill_answer_rows(decoded, asked, answers)
         except InputError as exc:
             self.classifier.counters.add(len(uploads), failed=True)
-            status = exc.status if isinstance(exc, UploadRefused) else 400
+            status = exc.status if isinstance(exc, UploadRefused | QuestionRefused) else 400
             return JSONResponse({"error": str(exc)}, status_code=status)
-        rows = self.classifier.fill_rows(decoded, probs, labels)
         self.classifier.counters.add(len(rows), failed=False)
         return JSONResponse({"rows": rows, "backend": self.classifier.backend})
+
+    def _questions(self, questions: list[bytes], count: int) -> list[str] | None:
+        """A vqa run's question for each of `count` images (`pair_questions`); None for a
+        classification run, which takes none. `QuestionRefused` (422) otherwise."""
+        try:
+            if self.classifier.task == "vqa":
+                return pair_questions(questions, count)
+            if questions:
+                raise InputError(f"this is a {self.classifier.task} run: it takes images, "
+                                 f"not questions (drop the `{QUESTION_FIELD}` field)")
+            return None
+        except InputError as exc:
+            raise QuestionRefused(str(exc)) from None
 
     @api.get("/health")
     def health(self) -> dict:
@@ -127,15 +162,34 @@ class ClassifierDeployment:
         bounds = np.cumsum([len(pixels) for pixels in requests])[:-1]
         return list(zip(np.split(probs, bounds), np.split(labels, bounds), strict=True))
 
-    async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
-        """The request's `files` parts as (display name, bytes). The body's size, its part
-        count and each part's size are checked as it streams in (`read_uploads`), so an
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.01)
+    async def answer_batch(self, requests: list[tuple[np.ndarray, list[str]]]) -> list[Answers]:
+        """`predict_batch` for a vqa run: each request's pixels and checked questions, one
+        model call over all of them."""
+        answers = await asyncio.to_thread(
+            self.classifier.predictor.predict_question_pixels,
+            np.concatenate([pixels for pixels, _ in requests]),
+            [question for _, questions in requests for question in questions])
+        results, start = [], 0
+        for pixels, _ in requests:
+            end = start + len(pixels)
+            results.append(Answers(answers.probs[start:end], answers.labels[start:end],
+                                   answers.truncated[start:end]))
+            start = end
+        return results
+
+    async def _uploads(self, request: Request) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+        """The request's `files` parts as (display name, bytes), and its `question` fields
+        as sent (bytes: `check_question` says which are not UTF-8). The body's size, its part
+        count and each part's size are checked as it streams in (`read_parts`), so an
         oversized request is refused before it is buffered."""
-        uploads = await read_uploads(request, self.limits)
+        parts = await read_parts(request, self.limits)
+        uploads = uploaded_files(parts)
         if not uploads:
             raise InputError("no image uploaded: send each image as a multipart/form-data "
                              "part named `files`")
-        return uploads
+        return uploads, [part.data for part in parts
+                         if part.filename is None and part.name == QUESTION_FIELD]
 
 
 def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RayServeConfig,

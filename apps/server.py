@@ -25,9 +25,9 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .examples import examples_or_reason
+from .examples import examples_or_reason, question_examples_or_reason
 from .service import Classifier, ServeLimits
-from .ui import build_ui
+from .ui import build_ui, build_vqa_ui
 from .uploads import UploadLimitMiddleware
 
 HEADER_TIMEOUT_SECONDS = 10.0
@@ -74,8 +74,13 @@ class ServedApp:
 def build_app(classifier: Classifier, config: ServeConfig, examples_dir: Path) -> ServedApp:
     """The FastAPI app: `/health` plus the Gradio page (with its queue) at `/`, behind the
     upload limits; no API docs routes."""
-    examples, note = examples_or_reason(classifier.predictor.run, examples_dir)
-    blocks = build_ui(classifier, examples, note, show_paths=config.show_paths)
+    run = classifier.predictor.run
+    if classifier.task == "vqa":
+        pairs, note = question_examples_or_reason(run, examples_dir)
+        blocks = build_vqa_ui(classifier, pairs, note, show_paths=config.show_paths)
+    else:
+        examples, note = examples_or_reason(run, examples_dir)
+        blocks = build_ui(classifier, examples, note, show_paths=config.show_paths)
     blocks.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
     app = FastAPI(title="mmdeploy", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(UploadLimitMiddleware, upload_path=f"{API_PREFIX}/upload",
@@ -85,6 +90,7 @@ def build_app(classifier: Classifier, config: ServeConfig, examples_dir: Path) -
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "run": details["run"], "adapter": details["adapter"],
+                "task": classifier.task,
                 "backend": classifier.backend, "classes": len(classifier.class_names),
                 "concurrency": config.concurrency, "served": classifier.counters.snapshot()}
 

@@ -4,6 +4,11 @@
 through the steps `mmdeploy infer` takes for a file: `load_image` (size and
 decompression-bomb limits), `Preprocessor.check` and the preprocessor, `predict_pixels`,
 and `rows.prediction_row` / `rows.error_row`; so it gets the row `infer` writes for it.
+
+A vqa run's uploads come with questions (`Classifier.answer`): one question for every
+image of the request, or one per image in upload order (`pair_questions`), each checked
+by `questions.check_question` before any image is decoded, so a bad question refuses the
+request in one line; the rows are `infer`'s for that image and question (`rows.answer_row`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from ..data import display_name
 from ..errors import InputError, MmdeployError
 from ..images import MAX_IMAGE_PIXELS, ImageSource, Preprocessor, image_pixels, load_image
 from ..info import describe_run
-from ..rows import error_row, prediction_row
+from ..questions import check_question
+from ..rows import answer_row, error_row, prediction_row, question_error_row, shown_question
 from ..runtime import default_precision, load_predictor, pick_backend
+from ..runtime.base import Answers
 from ..runtime.memory import release_freed_memory
 
 THUMBNAIL_SIZE = 256
@@ -144,6 +151,11 @@ class Classifier:
     def class_names(self) -> list[str]:
         return self.predictor.class_names
 
+    @property
+    def task(self) -> str:
+        """`classification` (`classify`) or `vqa` (`answer`)."""
+        return self.predictor.task
+
     def public_details(self, show_paths: bool = False) -> dict:
         """`details` as a client may see them: with no server path in them (the run and a
         local backbone by their folder's name) unless `show_paths`."""
@@ -162,6 +174,25 @@ class Classifier:
             raise
         self.counters.add(len(uploads), failed=False)
         return prediction
+
+    def answer(self, uploads: list[tuple[str, str | os.PathLike]],
+               questions: list) -> Prediction:
+        """A vqa run's `classify`: each upload answered with its question (`pair_questions`);
+        a bad question, or a request that breaks a limit, is an `InputError`."""
+        try:
+            prediction = self._answer(uploads, questions)
+        except MmdeployError:
+            self.counters.add(len(uploads), failed=True)
+            raise
+        self.counters.add(len(uploads), failed=False)
+        return prediction
+
+    def fill_answer_rows(self, decoded: Decoded, questions: list[str],
+                         answers: Answers) -> list[dict]:
+        """A vqa request's rows: each decoded upload's answer row in its place, with its
+        question; an upload that did not decode keeps its error, with its question."""
+        return fill_answer_rows(decoded, questions, answers, self.class_names,
+                                self.limits.top_k)
 
     def decode(self, uploads: list[tuple[str, ImageSource]], thumbnails: bool = False,
                ) -> Decoded:
@@ -185,6 +216,37 @@ class Classifier:
                                                  strict=True)]
         return Prediction(rows, thumbnails, self.backend, (decode_done - started) * 1e3,
                           (model_done - decode_done) * 1e3)
+
+    def _answer(self, uploads: list[tuple[str, str | os.PathLike]],
+                questions: list) -> Prediction:
+        check_count(uploads, self.limits)
+        asked = pair_questions(questions, len(uploads))
+        started = time.perf_counter()
+        decoded = self.decode([(display_name(name), path) for name, path in uploads],
+                              thumbnails=True)
+        decode_done = time.perf_counter()
+        answers = self.predictor.predict_question_pixels(
+            decoded.pixels, [asked[position] for position in decoded.positions])
+        rows = self.fill_answer_rows(decoded, asked, answers)
+        model_done = time.perf_counter()
+        thumbnails = [(image, _answer_caption(rows[position]))
+                      for position, image in zip(decoded.positions, decoded.thumbnails,
+                                                 strict=True)]
+        return Prediction(rows, thumbnails, self.backend, (decode_done - started) * 1e3,
+                          (model_done - decode_done) * 1e3)
+
+
+def pair_questions(questions: list, count: int) -> list[str]:
+    """A request's questions, one per image: one question asks all `count` images, or one
+    per image in upload order; each checked (`check_question`). `InputError` otherwise."""
+    if not questions:
+        raise InputError("no question: a vqa run answers each image with a question (the "
+                         "`question` field)")
+    if len(questions) not in (1, count):
+        raise InputError(f"{len(questions)} questions for {count} images: send one question "
+                         "for all the images, or one per image in upload order")
+    checked = [check_question(question) for question in questions]
+    return checked * count if len(checked) == 1 else checked
 
 
 def check_count(uploads: list, limits: ServeLimits) -> None:
@@ -238,6 +300,21 @@ def fill_rows(decoded: Decoded, probs, labels, class_names: list[str], top_k: in
     return rows
 
 
+def fill_answer_rows(decoded: Decoded, questions: list[str], answers: Answers,
+                     answer_names: list[str], top_k: int) -> list[dict]:
+    """`fill_rows` for a vqa request: `questions` are the checked questions of all its
+    uploads (decoded or not), `answers` those of the decoded ones."""
+    rows = [None if row is None else
+            question_error_row(row["path"], shown_question(question), row["error"])
+            for row, question in zip(decoded.rows, questions, strict=True)]
+    for position, name, prob, label, cut in zip(decoded.positions, decoded.names,
+                                                answers.probs, answers.labels,
+                                                answers.truncated, strict=True):
+        rows[position] = answer_row(name, shown_question(questions[position]), prob,
+                                    int(label), answer_names, top_k, cut)
+    return rows
+
+
 def folder_name(spec: str) -> str:
     """A local checkpoint path as its folder's name; a hub id or `tiny` as it is."""
     return Path(spec).name if os.path.isabs(spec) or Path(spec).exists() else spec
@@ -245,3 +322,7 @@ def folder_name(spec: str) -> str:
 
 def _caption(row: dict) -> str:
     return f"{row['path']}: {row['label']} ({row['score']:.0%})"
+
+
+def _answer_caption(row: dict) -> str:
+    return f"{row['path']}: {row['question']} {row['answer']} ({row['score']:.0%})"

@@ -1,4 +1,6 @@
-"""The Gradio page: a Classify tab and a Run tab, over one shared `Classifier`.
+"""The Gradio page: a Classify tab and a Run tab, over one shared `Classifier`; for a vqa
+run an Answer tab instead (`build_vqa_ui`: the images and a question box, one question for
+every image of a request, examples of image and question from the run's test split).
 
 Uploads arrive through `gr.File` rather than `gr.Image`/`gr.Gallery`: those decode the
 upload in Gradio with PIL's defaults before our code sees it, whereas raw files go through
@@ -24,6 +26,7 @@ from ..errors import InputError, MmdeployError
 from .service import Classifier, Prediction
 
 TABLE_HEADERS = ["file", "label", "score", "error"]
+ANSWER_HEADERS = ["file", "question", "answer", "score", "truncated", "error"]
 
 
 @dataclass
@@ -36,27 +39,32 @@ class _ClassifyTab:
     outputs: list  # label, status, gallery, table, and the rows' state
 
 
-def _classify_tab(top_k: int, above_files: gr.Component | None = None) -> _ClassifyTab:
-    """Upload and results side by side; `above_files` (made with `render=False`) is shown
-    over the uploads. A click on a thumbnail shows that image's classes."""
+def _classify_tab(top_k: int, above_files: gr.Component | None = None,
+                  below_files: gr.Component | None = None, verb: str = "Classify",
+                  noun: str = "classes", headers: list[str] = TABLE_HEADERS) -> _ClassifyTab:
+    """Upload and results side by side; `above_files` and `below_files` (made with
+    `render=False`) are shown over and under the uploads. A click on a thumbnail shows that
+    image's `noun` (classes, or a vqa run's answers)."""
 
     def select(predicted: list[dict], event: gr.SelectData):  # Gradio reads the annotation
         return _label_value(predicted[event.index])
 
     rows = gr.State([])
-    with gr.Tab("Classify"), gr.Row():
+    with gr.Tab(verb), gr.Row():
         with gr.Column():
             if above_files is not None:
                 above_files.render()
             files = gr.File(label="Images", file_count="multiple", type="filepath")
-            button = gr.Button("Classify", variant="primary")
+            if below_files is not None:
+                below_files.render()
+            button = gr.Button(verb, variant="primary")
             examples_slot = gr.Column()
         with gr.Column():
-            label = gr.Label(label="Top classes", num_top_classes=top_k)
+            label = gr.Label(label=f"Top {noun}", num_top_classes=top_k)
             status = gr.Markdown()
-            gallery = gr.Gallery(label="Uploads (click one for its classes)", columns=4,
+            gallery = gr.Gallery(label=f"Uploads (click one for its {noun})", columns=4,
                                  height=280, object_fit="contain", allow_preview=False)
-            table = gr.Dataframe(headers=TABLE_HEADERS, label="Rows (as `mmdeploy infer`)",
+            table = gr.Dataframe(headers=headers, label="Rows (as `mmdeploy infer`)",
                                  interactive=False, wrap=True)
     gallery.select(select, inputs=[rows], outputs=[label], api_visibility="private", queue=False)
     return _ClassifyTab(files, button, examples_slot, [label, status, gallery, table, rows])
@@ -66,16 +74,17 @@ def _uploads(paths: list[str] | None, cache: str) -> list[tuple[str, bytes]]:
     return [(Path(p).name, uploaded_file(p, cache)) for p in paths or []]
 
 
-def _shown(result: Prediction, uploads: list, cache: str, status_prefix: str = "") -> tuple:
+def _shown(result: Prediction, uploads: list, cache: str, status_prefix: str = "",
+           table=None) -> tuple:
     """A classification's outputs, in `_ClassifyTab.outputs`' order; unreadable files are
-    a warning, the rest is shown."""
+    a warning, the rest is shown (the rows by `table`, default `_table`)."""
     if result.errors:
         gr.Warning(f"{len(result.errors)} of {len(uploads)} files could not be read: "
                    + "; ".join(result.errors))
     thumbnails = [(save_thumbnail(image, cache), caption)
                   for image, caption in result.thumbnails]
     return (_label_value(result.predicted[0]), status_prefix + status_markdown(result),
-            thumbnails, _table(result.rows), result.predicted)
+            thumbnails, (table or _table)(result.rows), result.predicted)
 
 
 def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = "",
@@ -110,6 +119,56 @@ def build_ui(classifier: Classifier, examples: list[Path], examples_note: str = 
                 gr.Markdown(examples_note)
         tab.button.click(classify, inputs=[tab.files], outputs=tab.outputs,
                          api_name="classify")
+    return blocks
+
+
+def build_vqa_ui(classifier: Classifier, examples: list[tuple[Path, str]],
+                 examples_note: str = "", show_paths: bool = False) -> gr.Blocks:
+    """A vqa run's page: as `build_ui`, with a question box under the images (the question
+    asks every image of the request) and examples of an image and its question; its API is
+    `/answer(files, question)`."""
+    details = classifier.public_details(show_paths)
+    title = f"mmdeploy: {details['adapter']} on {details['backbone']}"
+
+    def answer(paths: list[str] | None, question: str | None):
+        try:
+            uploads = _uploads(paths, blocks.GRADIO_CACHE)
+            result = classifier.answer(uploads, [question])
+        except MmdeployError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        cut = any(row.get("truncated") for row in result.predicted)
+        note = ("the question was cut at the tokenizer's limit: answered from its first "
+                "tokens. ") if cut else ""
+        return _shown(result, uploads, blocks.GRADIO_CACHE, note, table=_answer_table)
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, 600)) as blocks:
+        gr.Markdown(f"## {title}\nImage + question: {len(classifier.class_names)} answers, "
+                    f"served by **{classifier.backend}**. The question asks every image "
+                    f"uploaded. Limits: {classifier.limits.describe()}.")
+        question = gr.Textbox(label="Question", placeholder="what color is the shape?",
+                              render=False)
+        tab = _classify_tab(classifier.limits.top_k, below_files=question, verb="Answer",
+                            noun="answers", headers=ANSWER_HEADERS)
+        with gr.Tab("Run"):
+            gr.Markdown(run_markdown(classifier, details))
+        with tab.examples_slot:
+            if examples:
+                # Gradio names the example's event after its function: not `answer`, which
+                # is the button's API name.
+                def answer_example(paths: list[str] | None, question: str | None):
+                    return answer(paths, question)
+
+                gr.Examples([[[str(path)], text] for path, text in examples],
+                            inputs=[tab.files, question], outputs=tab.outputs,
+                            fn=answer_example, run_on_click=True, cache_examples=False,
+                            label="Examples from the run's held-out test split: an image and "
+                                  "its question (click to run)")
+            elif examples_note:
+                gr.Markdown(examples_note)
+        tab.button.click(answer, inputs=[tab.files, question], outputs=tab.outputs,
+                         api_name="answer")
+        question.submit(answer, inputs=[tab.files, question], outputs=tab.outputs,
+                        api_name="answer_on_enter", api_visibility="private")
     return blocks
 
 
@@ -224,7 +283,8 @@ def run_markdown(classifier: Classifier, details: dict) -> str:
         ("adapter", f"{d['adapter']} ({options})"),
         ("backbone", d["backbone"]),
         ("trainable parameters", f"{d['parameters'].get('trainable', 0):,}"),
-        (f"classes ({len(d['classes'])})", ", ".join(d["classes"])),
+        (f"{'answers' if classifier.task == 'vqa' else 'classes'} ({len(d['classes'])})",
+         ", ".join(d["classes"])),
         ("backend", classifier.backend),
         *[("not using", reason) for reason in classifier.skipped],
         ("limits", classifier.limits.describe()),
@@ -257,3 +317,8 @@ def _label_value(row: dict) -> dict[str, float]:
 
 def _table(rows: list[dict]) -> list[list]:
     return [[row["path"], row["label"], row["score"], row["error"] or ""] for row in rows]
+
+
+def _answer_table(rows: list[dict]) -> list[list]:
+    return [[row["path"], row["question"], row["answer"], row["score"], row["truncated"],
+             row["error"] or ""] for row in rows]

@@ -5,7 +5,8 @@ that length must fit the request's limits (`ServeLimits.max_images` files of at 
 `max_file_bytes` each, plus room for the multipart framing). While the body streams in,
 python-multipart's parser follows its parts, so the first file over the count or over the
 per-file size stops the request there. The Gradio server applies this to its upload route
-(`UploadLimitMiddleware`); Ray Serve's `/predict` reads its files through `read_uploads`.
+(`UploadLimitMiddleware`); Ray Serve's `/predict` reads its files and questions through
+`read_parts`.
 """
 
 from __future__ import annotations
@@ -165,26 +166,31 @@ class MultipartLimit:
             part.chunks.append(bytes(data[start:end]))
 
 
-async def read_form(request: Request, limits: ServeLimits,
-                    ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-    """A multipart request read within `limits` (see the module docstring; nothing is
-    spooled to disk): its `FILE_FIELD` parts as (display name, bytes), and its plain fields
-    by name (the last of a repeated one)."""
+async def read_parts(request: Request, limits: ServeLimits) -> list[Part]:
+    """A multipart request's parts, read within `limits` (see the module docstring; nothing
+    is spooled to disk), contents kept."""
     check_length(request.headers, body_limit(limits))
     parts = MultipartLimit(request.headers.get("content-type", ""), limits, keep=True)
     async for chunk in request.stream():
         parts.feed(chunk)
     parts.finish()
-    files = [(display_name(part.filename), part.data) for part in parts.files
-             if part.name == FILE_FIELD]
-    fields = {part.name: part.data.decode("utf-8", "replace") for part in parts.parts
+    return parts.parts
+
+
+def uploaded_files(parts: list[Part]) -> list[tuple[str, bytes]]:
+    """The `FILE_FIELD` parts as (display name, bytes), in request order."""
+    return [(display_name(part.filename), part.data) for part in parts
+            if part.filename is not None and part.name == FILE_FIELD]
+
+
+async def read_form(request: Request, limits: ServeLimits,
+                    ) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """A multipart request read within `limits` (`read_parts`): its `FILE_FIELD` parts as
+    (display name, bytes), and its plain fields by name (the last of a repeated one)."""
+    parts = await read_parts(request, limits)
+    fields = {part.name: part.data.decode("utf-8", "replace") for part in parts
               if part.filename is None}
-    return files, fields
-
-
-async def read_uploads(request: Request, limits: ServeLimits) -> list[tuple[str, bytes]]:
-    """The `FILE_FIELD` parts of a multipart request (`read_form`)."""
-    return (await read_form(request, limits))[0]
+    return uploaded_files(parts), fields
 
 
 class _RefusedMidStream(MultiPartException):

@@ -11,6 +11,11 @@ at most `depth` decoded images wait at once. Rows are written in input order, so
 killed at any point has written a prefix of its rows; `--resume` keeps that prefix (minus a
 torn last line) and skips those inputs, and the finished file has the same rows as an
 uninterrupted run. An input listed twice gets one row.
+
+A vqa run's inputs carry their question (`inputs.list_inputs`): a row per image and
+question, keyed by both (`input_key`), so the same image may be asked twice; the questions
+are checked per row (an empty or non-UTF-8 one is that row's error row) and each batch goes
+to `Predictor.predict_question_pixels`.
 """
 
 from __future__ import annotations
@@ -32,14 +37,24 @@ from tqdm import tqdm
 from mmdeploy.data import BadEntry, read_image
 from mmdeploy.errors import InputError
 from mmdeploy.images import Preprocessor
-from mmdeploy.rows import COLUMNS, error_row, prediction_row
+from mmdeploy.questions import check_question
+from mmdeploy.rows import (
+    COLUMNS,
+    VQA_COLUMNS,
+    answer_row,
+    error_row,
+    prediction_row,
+    question_error_row,
+    shown_question,
+)
 from mmdeploy.runtime.base import Predictor
 
 from .inputs import Entry
 from .writers import RowWriter, completed_keys
 
-__all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary",
-           "new_inputs", "predict_rows", "prepare_input", "run_inference", "write_rows"]
+__all__ = ["COLUMNS", "DEFAULT_WORKERS", "InferenceOptions", "InferenceSummary", "input_key",
+           "new_inputs", "predict_rows", "prepare_input", "row_columns", "run_inference",
+           "write_rows"]
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -76,12 +91,14 @@ def run_inference(predictor: Predictor, inputs: Iterable[Entry], output: Path,
     """Write one row per input to `output` (JSONL or CSV by extension) and count them."""
     started = time.perf_counter()
     summary = InferenceSummary()
-    done = completed_keys(output) if options.resume else set()
+    columns = row_columns(predictor.task)
+    done = completed_keys(output, columns) if options.resume else set()
     batch_size = options.batch_size  # the predictor cuts it to its export's batch range
     prepare = partial(prepare_input, predictor.preprocessor)
-    todo = new_inputs(inputs, done, summary)
+    todo = new_inputs(inputs, done, summary, partial(input_key, predictor.task))
     prepared = in_order(prepare, todo, options.workers, depth=2 * batch_size)
-    with (contextlib.closing(prepared), RowWriter(output, append=options.resume) as writer,
+    with (contextlib.closing(prepared),
+          RowWriter(output, append=options.resume, columns=columns) as writer,
           progress(desc=f"infer ({predictor.backend})", unit="img") as bar):
         for batch in in_batches(prepared, batch_size):
             write_rows(predict_rows(predictor, batch, options.top_k), writer, summary, bar,
@@ -108,17 +125,30 @@ def write_rows(rows: list[dict], writer: RowWriter, summary: InferenceSummary, b
         bar.set_postfix(errors=summary.errors, refresh=False)
 
 
-def new_inputs(inputs: Iterable[Entry], done: set[str],
-                summary: InferenceSummary) -> Iterator[Entry]:
-    """The inputs without a row yet, each once; counts what it leaves out."""
-    claimed: set[str] = set()
+def row_columns(task: str) -> list[str]:
+    """The columns of a run's rows: `VQA_COLUMNS` for a vqa run, else `COLUMNS`."""
+    return VQA_COLUMNS if task == "vqa" else COLUMNS
+
+
+def input_key(task: str, entry: Entry) -> str | tuple[str, str]:
+    """What identifies an input's row: its name, and for a vqa run its question too (as the
+    row shows it, `rows.shown_question`)."""
+    return (entry.name, shown_question(entry.question)) if task == "vqa" else entry.name
+
+
+def new_inputs(inputs: Iterable[Entry], done: set, summary: InferenceSummary,
+               key: Callable[[Entry], str | tuple[str, str]] = lambda entry: entry.name,
+               ) -> Iterator[Entry]:
+    """The inputs without a row yet (by `key`), each once; counts what it leaves out."""
+    claimed: set = set()
     for entry in inputs:
-        if entry.name in done:
+        name = key(entry)
+        if name in done:
             summary.resumed += 1
-        elif entry.name in claimed:
+        elif name in claimed:
             summary.duplicates += 1
         else:
-            claimed.add(entry.name)
+            claimed.add(name)
             yield entry
 
 
@@ -174,6 +204,8 @@ def predict_rows(predictor: Predictor, batch: list[tuple[Entry, Prepared]],
                  top_k: int) -> list[dict]:
     """Rows for one batch in input order; the inputs that could not be prepared are error
     rows, the others are predicted together."""
+    if predictor.task == "vqa":
+        return answer_rows(predictor, batch, top_k)
     rows: list[dict | None] = [
         error_row(entry.name, result) if isinstance(result, str) else None
         for entry, result in batch
@@ -184,4 +216,30 @@ def predict_rows(predictor: Predictor, batch: list[tuple[Entry, Prepared]],
         for i, prob, label in zip(ready, probs, labels, strict=True):
             rows[i] = prediction_row(batch[i][0].name, prob, int(label), predictor.class_names,
                                      top_k)
+    return rows
+
+
+def answer_rows(predictor: Predictor, batch: list[tuple[Entry, Prepared]],
+                top_k: int) -> list[dict]:
+    """`predict_rows` for a vqa run: an input whose image could not be prepared, or whose
+    question cannot be asked (`check_question`), is an error row; the others are answered
+    together (`Predictor.predict_question_pixels`)."""
+    rows: list[dict | None] = [None] * len(batch)
+    ready: list[tuple[int, str]] = []  # (position, checked question)
+    for i, (entry, result) in enumerate(batch):
+        shown = shown_question(entry.question)
+        if isinstance(result, str):
+            rows[i] = question_error_row(entry.name, shown, result)
+            continue
+        try:
+            ready.append((i, check_question(entry.question)))
+        except InputError as exc:
+            rows[i] = question_error_row(entry.name, shown, f"{entry.name}: {exc}")
+    if ready:
+        answers = predictor.predict_question_pixels(
+            np.stack([batch[i][1] for i, _ in ready]), [q for _, q in ready])
+        for (i, question), prob, label, cut in zip(ready, answers.probs, answers.labels,
+                                                   answers.truncated, strict=True):
+            rows[i] = answer_row(batch[i][0].name, shown_question(question), prob, int(label),
+                                 predictor.class_names, top_k, cut)
     return rows

@@ -57,6 +57,7 @@ class PredictorSpec:
     description: str
     device: str
     preprocessor: Preprocessor
+    task: str = "classification"  # the run's: a vqa run's inputs carry questions
 
     @classmethod
     def load(cls, run_path: str | os.PathLike, backend: str,
@@ -66,7 +67,7 @@ class PredictorSpec:
         predictor = load_predictor(run_path, backend, precision)
         return cls(str(predictor.run_dir.root.resolve()), predictor.backend, precision,
                    f"{predictor.describe()}, precision {precision}", predictor.device,
-                   predictor.preprocessor)
+                   predictor.preprocessor, predictor.task)
 
     def load_predictor(self, threads: int | None = None) -> Predictor:
         """The worker's own predictor (`threads`: see `runtime.load_predictor`)."""

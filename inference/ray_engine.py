@@ -18,6 +18,11 @@ On a cluster, the decode tasks and the actors open the inputs and the run direct
 paths the driver listed (a shared filesystem, or the same copy on every node); only pixels
 and rows travel through Ray.
 
+A vqa run's inputs carry their questions through the pipeline (a `question` column beside
+`path`): each is checked on the driver (`check_question`), so a question that cannot be
+asked is that input's error row and only checked text travels; rows are keyed by path and
+question.
+
 Parquet output is written by the driver too (one row group per batch), into NAME.partial,
 renamed to NAME when the run completes: a file without its footer is unreadable, so a
 Parquet output cannot be resumed and a stopped run leaves no half-written NAME.
@@ -31,17 +36,27 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from mmdeploy.data import BadEntry, Sample
-from mmdeploy.errors import ConfigError
+from mmdeploy.errors import ConfigError, InputError
 from mmdeploy.images import Preprocessor
-from mmdeploy.rows import COLUMNS
+from mmdeploy.questions import check_question
+from mmdeploy.rows import COLUMNS, shown_question
 
-from .batch import InferenceSummary, new_inputs, predict_rows, prepare_input, write_rows
+from .batch import (
+    InferenceSummary,
+    input_key,
+    new_inputs,
+    predict_rows,
+    prepare_input,
+    row_columns,
+    write_rows,
+)
 from .inputs import Entry
 from .ray_cluster import PredictorSpec, RayOptions, RaySession, gpus_per_worker, ray_session
 from .writers import RowWriter, completed_keys
@@ -67,9 +82,10 @@ class PredictorActor:
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = [(Sample(str(name), ""), str(error) if error else pixels)
-                 for name, error, pixels in zip(batch["path"], batch["error"], batch["pixels"],
-                                                strict=True)]
+        pairs = [(Sample(str(name), "", question=str(question)), str(error) if error else pixels)
+                 for name, error, pixels, question in zip(batch["path"], batch["error"],
+                                                          batch["pixels"], batch["question"],
+                                                          strict=True)]
         rows = predict_rows(self.predictor, pairs, self.top_k)
         return {"row": np.array([json.dumps(row, ensure_ascii=False) for row in rows],
                                 dtype=object)}
@@ -90,7 +106,8 @@ def decode_batch(batch: dict[str, np.ndarray],
         else:
             pixels[index] = result
             errors.append("")
-    return {"path": batch["path"], "error": np.array(errors, dtype=object), "pixels": pixels}
+    return {"path": batch["path"], "error": np.array(errors, dtype=object), "pixels": pixels,
+            "question": batch["question"]}
 
 
 def infer_on_ray(run_path: str | os.PathLike, backend: str, inputs: Iterable[Entry],
@@ -122,9 +139,11 @@ def run_ray_inference(spec: PredictorSpec, inputs: Iterable[Entry], output: Path
     started = time.perf_counter()
     check_output(output, options)
     summary = InferenceSummary()
-    done = completed_keys(output) if options.resume else set()
-    todo = [_item(entry) for entry in new_inputs(inputs, done, summary)]
-    with (_writer(output, append=options.resume) as writer,
+    columns = row_columns(spec.task)
+    done = completed_keys(output, columns) if options.resume else set()
+    todo = [_item(entry, spec.task)
+            for entry in new_inputs(inputs, done, summary, partial(input_key, spec.task))]
+    with (_writer(output, append=options.resume, columns=columns) as writer,
           progress(desc=f"infer ({spec.backend}, ray)", unit="img", total=len(todo)) as bar):
         for rows in _stream(todo, spec, options, session):
             write_rows(rows, writer, summary, bar, options.fail_fast)
@@ -180,33 +199,43 @@ def _stream(todo: list[dict], spec: PredictorSpec, options: RayInferenceOptions,
         yield [json.loads(text) for text in batch["row"]]
 
 
-def _item(entry: Entry) -> dict:
-    """An input as a Ray Data row: its name, the file to decode, or why there is none."""
+def _item(entry: Entry, task: str) -> dict:
+    """An input as a Ray Data row: its name, the file to decode, or why there is none; for a
+    vqa run its question, checked here (text that is not UTF-8 cannot travel as a string):
+    one that cannot be asked is the input's error."""
+    question = shown_question(entry.question)
     if isinstance(entry, BadEntry):
-        return {"path": entry.name, "source": "", "error": entry.error}
-    return {"path": entry.name, "source": os.fspath(entry.image), "error": ""}
+        return {"path": entry.name, "source": "", "error": entry.error, "question": question}
+    item = {"path": entry.name, "source": os.fspath(entry.image), "error": "",
+            "question": question}
+    if task == "vqa":
+        try:
+            item["question"] = check_question(entry.question)
+        except InputError as exc:
+            item["error"] = f"{entry.name}: {exc}"
+    return item
 
 
-def _writer(output: Path, append: bool) -> RowWriter | ParquetRows:
+def _writer(output: Path, append: bool, columns: list[str]) -> RowWriter | ParquetRows:
     if output.suffix.lower() == ".parquet":
-        return ParquetRows(output)
-    return RowWriter(output, append=append)
+        return ParquetRows(output, columns)
+    return RowWriter(output, append=append, columns=columns)
 
 
 class ParquetRows:
     """`RowWriter`'s interface for a Parquet file: one row group per `write`, written to
     NAME.partial and renamed to NAME on close. `topk` is a list of {label, prob} structs."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: list[str] = COLUMNS):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = path
+        self.columns = columns
         self.partial = path.with_name(path.name + ".partial")
         topk = pa.list_(pa.struct([("label", pa.string()), ("prob", pa.float64())]))
-        self.schema = pa.schema([("path", pa.string()), ("label", pa.string()),
-                                 ("score", pa.float64()), ("topk", topk),
-                                 ("error", pa.string())])
+        types = {"score": pa.float64(), "topk": topk, "truncated": pa.bool_()}
+        self.schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])
         self.writer = pq.ParquetWriter(self.partial, self.schema)
 
     def write(self, rows: list[dict]) -> None:
@@ -214,7 +243,7 @@ class ParquetRows:
 
         if not rows:
             return
-        columns = {name: [row[name] for row in rows] for name in COLUMNS}
+        columns = {name: [row[name] for row in rows] for name in self.columns}
         columns["topk"] = [[{"label": label, "prob": prob} for label, prob in row["topk"]]
                            for row in rows]
         self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))

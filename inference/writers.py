@@ -49,8 +49,9 @@ class RowWriter:
 
 def completed_keys(path: Path, columns: list[str] = COLUMNS) -> set[str | tuple[str, str]]:
     """Keys of the complete rows in `path`: each row's path, or (path, run) for the rows of
-    several runs (`columns` = `SHARED_COLUMNS`). A torn last line (a kill mid-write) is cut
-    off.
+    several runs (`columns` = `SHARED_COLUMNS`), or (path, question) for a vqa run's
+    (`VQA_COLUMNS`: an image may be asked several questions). A torn last line (a kill
+    mid-write) is cut off.
 
     Streams the file, so resuming a million-row output does not hold its text in memory.
     A line that is not a row of ours is an error naming the line: appending to someone
@@ -83,17 +84,22 @@ def _check_header(path: Path, line: bytes, columns: list[str]) -> None:
 
 def _row_key(path: Path, number: int, line: bytes, is_csv: bool,
              columns: list[str]) -> str | tuple[str, str]:
-    """The row's path, or (path, run) when `columns` has a run; a row with a run in a file
-    of rows without, or the other way round, is not one of ours."""
+    """The row's path, or (path, run) when `columns` has a run, or (path, question) when it
+    has a question; a row with a run or a question in a file of rows without, or the other
+    way round, is not one of ours."""
     try:
         text = line.decode("utf-8")
         row = dict(zip(columns, next(csv.reader([text])), strict=False)) if is_csv \
             else json.loads(text)
-        if ("run" in row) != ("run" in columns):
+        if any((column in row) != (column in columns) for column in ("run", "question")):
             raise ValueError("another kind of rows")
         key = tuple(row[column] for column in ("path", "run") if column in columns)
         if not all(isinstance(value, str) and value for value in key):
             raise ValueError("no path")
+        if "question" in columns:  # "" where a line had no question to show
+            if not isinstance(row["question"], str):
+                raise ValueError("no question")
+            key = (*key, row["question"])
         return key if len(key) > 1 else key[0]
     except (ValueError, KeyError, IndexError, TypeError, csv.Error, StopIteration):
         raise InputError(f"{path}:{number}: not a row written by `mmdeploy infer"

@@ -355,9 +355,13 @@ def verify(run_path) -> None:
                    "backend, else one per node.")
 @click.option("--precision", type=click.Choice(SERVING_PRECISIONS), default=None,
               help=_PRECISION_HELP)
+@click.option("--question", default=None, metavar="TEXT",
+              help="A vqa run: ask every image this question (folders, globs, files, and "
+                   "manifests without a `question` column; a manifest's column asks each "
+                   "line its own).")
 def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size, top_k,
           workers, resume, overwrite, fail_fast, engine, ray_address, actors,
-          precision) -> None:
+          precision, question) -> None:
     """Batch inference over folders, globs or manifests; one row per file, written as it
     goes (in input order; with --engine ray in the order batches finish, keyed by path),
     with a progress bar and a summary at the end.
@@ -368,6 +372,8 @@ def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size
       mmdeploy infer runs/hmmoe-demo photos/ -o preds.jsonl --resume   # after a kill
       mmdeploy infer runs/hmmoe-demo photos/ -o preds.parquet --engine ray --actors 2
       mmdeploy infer --shared shared/ photos/ -o preds.jsonl   # a row per image and run
+      mmdeploy infer runs/vqa questions.csv -o answers.jsonl   # path,question columns
+      mmdeploy infer runs/vqa photos/ --question "what color is the shape?" -o answers.jsonl
 
     With --shared DIR, the runs come from their shared export, not from RUN arguments: DIR
     is where the trunk and branches are, verified together and named in its manifest
@@ -381,16 +387,23 @@ def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size
     from .inference.inputs import list_inputs
     from .runtime import default_precision, load_predictor, pick_backend
 
+    task = "classification"
     if shared_dir is not None:
         inputs = (str(run_path), *inputs)
-        if engine == "ray" or precision == "int8":
-            raise ConfigError("--shared serves FP32 trunk and branches with --engine local")
+        if engine == "ray" or precision == "int8" or question is not None:
+            raise ConfigError("--shared serves FP32 trunk and branches of classification "
+                              "runs with --engine local")
     elif shared_runs is not None:
         raise ConfigError("--runs needs --shared DIR")
     elif not inputs:
         raise ConfigError("infer takes RUN INPUTS..., or --shared DIR INPUTS...")
     else:
         precision = precision or default_precision(run_path)
+        task = _run_task(run_path)
+    if question is not None and task == "vqa":  # a classification run refuses it as input
+        from .questions import check_question
+
+        question = check_question(question)
     if engine == "ray":
         from .inference.ray_cluster import require_ray
 
@@ -406,7 +419,8 @@ def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size
         raise ConfigError(f"{output}: folder {output.parent} does not exist")
     if output.exists() and not (resume or overwrite):
         raise ConfigError(f"{output} already exists; pass --overwrite or --resume")
-    listed = itertools.chain.from_iterable([list_inputs(spec) for spec in inputs])
+    listed = itertools.chain.from_iterable([list_inputs(spec, task, question)
+                                            for spec in inputs])
     options = InferenceOptions(batch_size=batch_size, top_k=top_k, resume=resume,
                                fail_fast=fail_fast,
                                workers=DEFAULT_WORKERS if workers is None else workers)
@@ -431,6 +445,14 @@ def infer(run_path, inputs, output, shared_dir, shared_runs, backend, batch_size
                    err=True)
         summary = run_inference(predictor, listed, output, options)
     _echo_summary(summary, output, "images")
+
+
+def _run_task(run_path: Path) -> str:
+    """The run's task (`classification` or `vqa`), read from its config."""
+    from .artifacts import RunDir
+    from .runs import load_run_config
+
+    return load_run_config(RunDir(run_path)).task
 
 
 def _infer_shared(shared_dir, runs, backend, listed, output, options):

@@ -98,23 +98,30 @@ def data_task(source: str) -> str:
         return "vqa"
     path = pathlib.Path(source)
     if path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-        return "vqa" if "question" in _manifest_columns(path) else "classification"
+        return "vqa" if "question" in manifest_columns(path) else "classification"
     return "classification"
 
 
-def _manifest_columns(path: pathlib.Path) -> list[str]:
-    """A CSV's header, or the keys of a JSONL manifest's first object."""
-    text = _read_text(path)
-    if path.suffix.lower() == ".csv":
-        return next(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True), [])
-    for line in text.split("\n"):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                return []
-            return list(row) if isinstance(row, dict) else []
-    return []
+def manifest_columns(path: pathlib.Path, lenient: bool = False) -> list[str]:
+    """A CSV's header, or the keys of a JSONL manifest's first object, read from the start of
+    the file only (`lenient`: as `manifest_lines(questions=True)` decodes it). A file that
+    cannot be read, or is not UTF-8 where it was read, is `_read_text`'s error."""
+    errors = "surrogateescape" if lenient else "strict"
+    try:
+        with open(path, encoding="utf-8-sig", errors=errors, newline="") as handle:
+            if path.suffix.lower() == ".csv":
+                return next(csv.reader(handle, skipinitialspace=True), [])
+            line = next((line for line in handle if line.strip()), "")
+    except (OSError, UnicodeDecodeError):
+        _read_text(path, lenient)  # raises the one-line error naming the file (and byte)
+        raise
+    except csv.Error:
+        return []
+    try:
+        row = json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return []
+    return list(row) if isinstance(row, dict) else []
 
 
 def _load_manifest(manifest: pathlib.Path) -> LabeledSet:
@@ -329,6 +336,7 @@ class BadEntry:
 
     name: str  # "list.csv:7" or the folder
     error: str
+    question: object = None  # a vqa input's question as given, if the line had one
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -432,16 +440,24 @@ def _manifest_rows(
 
 
 def manifest_lines(
-    path: pathlib.Path, required: tuple[str, ...]
+    path: pathlib.Path, required: tuple[str, ...], questions: bool = False
 ) -> Iterator[tuple[str, dict[str, str] | str]]:
     """Yield (`file:line`, row with the required keys and, when given, `caption`), or
     (`file:line`, what is wrong with that line). A manifest that is unusable as a whole (not
-    UTF-8, a CSV without a required column, broken CSV quoting) raises `InputError`."""
-    text = _read_text(path)
+    UTF-8, a CSV without a required column, broken CSV quoting) raises `InputError`.
+
+    With `questions` (the inputs of a vqa run), each row also keeps its `question` as given
+    (None where it has none; `questions.check_question` judges it per row), and bytes that
+    are not UTF-8 are kept as surrogates instead of refusing the manifest: a bad question
+    is one error row, and a file name in any encoding still names its file."""
+    text = _read_text(path, lenient=questions)
     is_csv = path.suffix.lower() == ".csv"
     rows = _csv_rows(path, text, required) if is_csv else _jsonl_rows(path, text)
     for where, row in rows:
-        yield where, row if isinstance(row, str) else _check_row(row, required)
+        checked = row if isinstance(row, str) else _check_row(row, required)
+        if questions and isinstance(checked, dict):
+            checked["question"] = row.get("question")
+        yield where, checked
 
 
 def _check_row(row: dict, required: tuple[str, ...]) -> dict[str, str] | str:
@@ -455,9 +471,9 @@ def _check_row(row: dict, required: tuple[str, ...]) -> dict[str, str] | str:
     return {k: row[k] for k in (*required, "caption") if row.get(k)}
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: pathlib.Path, lenient: bool = False) -> str:
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig", "surrogateescape" if lenient else "strict")
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{path}: not UTF-8 text at byte {exc.start} (manifests must be UTF-8)"

@@ -41,6 +41,10 @@ def check_question(question: object) -> str:
             raise InputError(f"the question is not UTF-8 text (byte {exc.start})") from None
     if not isinstance(question, str):
         raise InputError(f"the question must be text, not {type(question).__name__}")
+    try:  # undecodable bytes read leniently (a manifest line, argv) arrive as surrogates
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the question is not UTF-8 text (character {exc.start})") from None
     text = question.strip()
     if not text:
         raise InputError("the question is empty")

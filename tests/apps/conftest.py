@@ -79,3 +79,14 @@ def server(tiny_run, tmp_path_factory):
     code, out, err = served.stop(signal.SIGTERM)
     assert code == 0 and out.rstrip().endswith("stopped"), f"exit {code}\n{out}\n{err}"
     assert "Traceback" not in err, err
+
+
+@pytest.fixture(scope="session")
+def vqa_server(vqa_run, tmp_path_factory):
+    """The app serving the session's vqa run (no export: the torch backend), 1 MiB per
+    upload; it must stop on SIGTERM with exit status 0."""
+    served = start_server(vqa_run, tmp_path_factory.mktemp("serve-vqa"), max_file_mb=1)
+    yield served
+    code, out, err = served.stop(signal.SIGTERM)
+    assert code == 0 and out.rstrip().endswith("stopped"), f"exit {code}\n{out}\n{err}"
+    assert "Traceback" not in err, err

@@ -56,3 +56,48 @@ def test_upload_and_classify_in_chromium(server, image_dir, tmp_path):
     assert status_text.startswith("onnxruntime")  # which backend served, and its latency
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert example_label and errors == 0
+
+
+def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
+    """A vqa run's page: an image and a question box; the answer shown is the API's, and an
+    example (an image of the run's test split with its question) runs with its question."""
+    from gradio_client import Client, handle_file
+
+    image = sorted(vqa_manifest.parent.glob("*.png"))[0]
+    question = "what color is the shape?"
+    expected = Client(vqa_server.url, verbose=False, analytics_enabled=False,
+                      download_files=False).predict([handle_file(image)], question,
+                                                    api_name="/answer")[0]["label"]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(vqa_server.url)
+            button = page.get_by_role("button", name="Answer", exact=True)
+            button.wait_for()
+            # The images' input, not the Dataframe's (a table can take a CSV upload too)
+            images = page.locator("input[type=file][multiple]")
+            images.wait_for(state="attached")
+            images.set_input_files(str(image))
+            page.get_by_text(image.name).first.wait_for()  # the upload has landed
+            page.get_by_label("Question").fill(question)
+            button.click()
+            status = page.get_by_text("1 image in")
+            status.wait_for(timeout=30_000)
+            shown = page.locator("[data-testid=label-output-value]").inner_text().strip()
+            caption = page.get_by_text(f"{image.name}: {question} ").count()
+
+            # Examples of two inputs are a table: a row per (image, question) pair.
+            example = page.locator("tr.tr-body").first
+            example_name = example.locator("td").nth(0).inner_text().strip()
+            example_question = example.locator("td").nth(1).inner_text().strip()
+            example.click()
+            # its thumbnail's caption: the example's file, its question and the answer
+            page.get_by_text(f"{example_name}: {example_question} ").first.wait_for(
+                timeout=30_000)
+            page.screenshot(path=tmp_path / "vqa.png", full_page=True)
+        finally:
+            browser.close()
+    assert shown == expected and caption >= 1
+    assert example_name.endswith(".png") and example_question.endswith("?")

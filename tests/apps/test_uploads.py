@@ -13,7 +13,8 @@ from mmdeploy.apps.uploads import (
     UploadRefused,
     body_limit,
     check_length,
-    read_uploads,
+    read_parts,
+    uploaded_files,
 )
 
 LIMITS = ServeLimits(max_images=3, max_file_bytes=1000)
@@ -92,14 +93,16 @@ def request(data: bytes, chunk: int = 100) -> Request:
     return Request(scope, receive)
 
 
-def test_read_uploads_gives_the_file_parts_by_display_name():
-    data = body(part("files", b"one", "a\u202eb.png"), part("question", b"what?", None),
+def test_read_parts_gives_the_file_parts_by_display_name_and_the_fields_as_sent():
+    data = body(part("files", b"one", "a\u202eb.png"), part("question", b"what\xff?", None),
                 part("files", b"two", "c.png"))
-    uploads = asyncio.run(read_uploads(request(data), LIMITS))
-    assert uploads == [("a\\u202eb.png", b"one"), ("c.png", b"two")]
+    parts = asyncio.run(read_parts(request(data), LIMITS))
+    assert uploaded_files(parts) == [("a\\u202eb.png", b"one"), ("c.png", b"two")]
+    assert [(p.name, p.data) for p in parts if p.filename is None] == \
+        [("question", b"what\xff?")]
 
 
-def test_read_uploads_stops_at_the_part_over_the_limit():
+def test_read_parts_stops_at_the_part_over_the_limit():
     data = body(part("files", b"x" * 999, "ok.png"), part("files", b"y" * 5000, "big.png"))
     with pytest.raises(UploadRefused, match="big.png: over the limit of 1,000 bytes"):
-        asyncio.run(read_uploads(request(data), LIMITS))
+        asyncio.run(read_parts(request(data), LIMITS))

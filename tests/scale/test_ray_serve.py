@@ -144,6 +144,15 @@ def test_bad_uploads_get_a_clear_4xx_and_serving_goes_on(server, images, infer_r
         same_row(response.json()["rows"][0], infer_rows[path.name], path.name)
 
 
+def test_a_question_to_a_classification_run_is_422(server, images):
+    response = httpx.post(server.url + "predict", timeout=30,
+                          files=[("files", (images[0].name, images[0].read_bytes())),
+                                 ("question", (None, b"what is it?"))])
+    assert response.status_code == 422
+    assert response.json()["error"] == ("this is a classification run: it takes images, not "
+                                        "questions (drop the `question` field)")
+
+
 def test_sigterm_stops_it_and_every_process_it_started(server):
     assert server.command.process.poll() is None, server.command.stderr
     server.command.process.send_signal(signal.SIGTERM)
