@@ -661,7 +661,8 @@ def big_train(check: Check, figures: dict, adapter: str) -> None:
     deploy = model.to_deploy()
     preprocessor = deploy.backbone.preprocessor
     image_size = tuple(preprocessor.image_size)
-    cases = parity_inputs(run, preprocessor, list(settings.parity_batches), seed=0)
+    cases = [(case.kind, case.inputs[0])
+             for case in parity_inputs(run, preprocessor, list(settings.parity_batches), seed=0)]
     with torch.inference_mode():
         # The same FP32 deploy form on the CPU and on the device, at the small parity batches.
         small = [x for _, x in cases if len(x) <= 7] if settings.device != "cpu" else []
