@@ -82,10 +82,10 @@ def server(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def vqa_server(vqa_run, tmp_path_factory):
-    """The app serving the session's vqa run (no export: the torch backend), 1 MiB per
+def vqa_server(vqa_export_run, tmp_path_factory):
+    """The app serving the session's exported vqa run (ONNX Runtime), 1 MiB per
     upload; it must stop on SIGTERM with exit status 0."""
-    served = start_server(vqa_run, tmp_path_factory.mktemp("serve-vqa"), max_file_mb=1)
+    served = start_server(vqa_export_run, tmp_path_factory.mktemp("serve-vqa"), max_file_mb=1)
     yield served
     code, out, err = served.stop(signal.SIGTERM)
     assert code == 0 and out.rstrip().endswith("stopped"), f"exit {code}\n{out}\n{err}"

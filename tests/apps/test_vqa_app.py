@@ -1,7 +1,7 @@
 """The app of a vqa run over HTTP with `gradio_client`: `/answer(files, question)` answers
 every image with the question, as `mmdeploy infer --question` does; a question that cannot
 be asked is one line and the app keeps serving; one over the tokenizer's limit is answered
-and flagged. The run has no export: the torch backend serves it, through the same
+and flagged. The run's two-input ONNX export serves it (ONNX Runtime), through the same
 `Predictor.predict_question_pixels` every backend serves."""
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def images(vqa_manifest) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def infer_rows(cli, vqa_run, images, tmp_path_factory) -> dict[str, dict]:
+def infer_rows(cli, vqa_export_run, images, tmp_path_factory) -> dict[str, dict]:
     """`mmdeploy infer --question` on the same files: its row for each, by file name."""
     folder = tmp_path_factory.mktemp("vqa-images")
     for image in images:
         shutil.copy(image, folder)
     output = folder.parent / "answers.jsonl"
-    result = cli(["infer", vqa_run, folder, "-o", output, "--question", QUESTION])
+    result = cli(["infer", vqa_export_run, folder, "-o", output, "--question", QUESTION])
     assert result.code == 0, str(result)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     return {Path(row["path"]).name: row for row in rows}
@@ -52,7 +52,7 @@ def infer_rows(cli, vqa_run, images, tmp_path_factory) -> dict[str, dict]:
 
 def test_health_says_the_task(vqa_server):
     health = httpx.get(vqa_server.url + "health", timeout=10).json()
-    assert health["task"] == "vqa" and health["backend"].startswith("torch")
+    assert health["task"] == "vqa" and health["backend"].startswith("onnxruntime")
 
 
 def test_the_question_asks_every_image_as_infer_does(vqa_server, images, infer_rows):
@@ -67,7 +67,7 @@ def test_the_question_asks_every_image_as_infer_does(vqa_server, images, infer_r
         assert row["score"] == pytest.approx(expected["score"], abs=1e-5)
     first = infer_rows[images[0].name]
     assert [c["label"] for c in result[0]["confidences"]] == [a for a, _ in first["topk"]]
-    assert result[1].startswith(f"**torch (cpu)**: {len(images)} images in")
+    assert result[1].startswith(f"**onnxruntime (CPUExecutionProvider)**: {len(images)} images in")
     assert result[2][0]["caption"].startswith(f"{images[0].name}: {QUESTION} ")
 
 

@@ -1,7 +1,7 @@
 """`mmdeploy infer` on a vqa run: each image is answered with its question (a manifest's
 `question` column, or `--question` for all), rows keyed by image and question, bad
 questions one error row each, and whatever cannot be asked at all one line before anything
-is written. The run has no export yet: the torch backend answers, through the same
+is written. The run's two-input ONNX export answers (ONNX Runtime), through the same
 `Predictor.predict_question_pixels` every backend serves."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mmdeploy.questions import MAX_QUESTION_CHARS
-from mmdeploy.runtime.torch import TorchPredictor
+from mmdeploy.runtime.onnxruntime import OnnxRuntimePredictor
 
 COLUMNS = ["path", "question", "answer", "score", "topk", "truncated", "error"]
 
@@ -26,8 +26,8 @@ def rows_of(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def predictor(vqa_run):
-    return TorchPredictor(vqa_run, device="cpu")
+def predictor(vqa_export_run):
+    return OnnxRuntimePredictor(vqa_export_run)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def assert_rows_equal(got: dict, want: dict) -> None:
                                atol=1e-5)
 
 
-def test_a_question_manifest_gets_a_row_per_image_and_question(cli, vqa_run, vqa_manifest,
+def test_a_question_manifest_gets_a_row_per_image_and_question(cli, vqa_export_run, vqa_manifest,
                                                                 predictor, tmp_path):
     out = tmp_path / "answers.jsonl"
-    result = cli(["infer", vqa_run, vqa_manifest, "-o", out, "--batch-size", 7])
+    result = cli(["infer", vqa_export_run, vqa_manifest, "-o", out, "--batch-size", 7])
     assert result.code == 0, str(result)
     rows = rows_of(out)
     with open(vqa_manifest, newline="") as handle:
@@ -76,13 +76,14 @@ def test_a_question_manifest_gets_a_row_per_image_and_question(cli, vqa_run, vqa
     assert "120 rows written (0 errors" in result.stdout
 
 
-def test_question_asks_every_image_of_a_folder(cli, vqa_run, images, predictor, tmp_path):
+def test_question_asks_every_image_of_a_folder(cli, vqa_export_run, images, predictor, tmp_path):
     folder = tmp_path / "pictures"
     folder.mkdir()
     for image in images[:5]:
         shutil.copy(image, folder)
     out = tmp_path / "answers.csv"
-    result = cli(["infer", vqa_run, folder, "-o", out, "--question", "  what is the shape? "])
+    result = cli(["infer", vqa_export_run, folder, "-o", out, "--question",
+                  "  what is the shape? "])
     assert result.code == 0, str(result)
     with open(out, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -94,12 +95,13 @@ def test_question_asks_every_image_of_a_folder(cli, vqa_run, images, predictor, 
         assert float(row["score"]) == pytest.approx(want["score"], abs=1e-5)
 
 
-def test_question_asks_every_line_of_a_manifest_without_the_column(cli, vqa_run, images,
+def test_question_asks_every_line_of_a_manifest_without_the_column(cli, vqa_export_run, images,
                                                                    tmp_path):
     manifest = tmp_path / "list.csv"
     manifest.write_text("path\n" + "".join(f"{image}\n" for image in images[:3]))
     out = tmp_path / "answers.jsonl"
-    result = cli(["infer", vqa_run, manifest, "-o", out, "--question", "is there a red shape?"])
+    result = cli(["infer", vqa_export_run, manifest, "-o", out, "--question",
+                  "is there a red shape?"])
     assert result.code == 0, str(result)
     rows = rows_of(out)
     assert [(r["path"], r["question"]) for r in rows] == \
@@ -109,7 +111,7 @@ def test_question_asks_every_line_of_a_manifest_without_the_column(cli, vqa_run,
 
 
 def test_bad_questions_are_one_error_row_each_and_a_long_one_is_answered_cut(
-        cli, vqa_run, images, predictor, tmp_path):
+        cli, vqa_export_run, images, predictor, tmp_path):
     """An empty question, one that is not UTF-8 and an absurd one are each that line's error
     row; one over the tokenizer's limit is answered from its first tokens and says so; the
     good lines around them are answered as if alone."""
@@ -129,7 +131,7 @@ def test_bad_questions_are_one_error_row_each_and_a_long_one_is_answered_cut(
         f"{b},what is the shape?".encode(),
     ]) + b"\n")
     out = tmp_path / "answers.jsonl"
-    result = cli(["infer", vqa_run, manifest, "-o", out])
+    result = cli(["infer", vqa_export_run, manifest, "-o", out])
     assert result.code == 0, str(result)
     rows = rows_of(out)
     assert [row["error"] for row in rows] == [
@@ -152,13 +154,13 @@ def test_bad_questions_are_one_error_row_each_and_a_long_one_is_answered_cut(
     assert "8 rows written (5 errors" in result.stdout
 
 
-def test_a_jsonl_question_that_is_not_text_is_an_error_row(cli, vqa_run, images, tmp_path):
+def test_a_jsonl_question_that_is_not_text_is_an_error_row(cli, vqa_export_run, images, tmp_path):
     manifest = tmp_path / "questions.jsonl"
     manifest.write_text("\n".join(json.dumps(line) for line in [
         {"path": str(images[0]), "question": 7},
         {"path": str(images[0]), "question": "what is the shape?"}]) + "\n")
     out = tmp_path / "answers.jsonl"
-    assert cli(["infer", vqa_run, manifest, "-o", out]).code == 0
+    assert cli(["infer", vqa_export_run, manifest, "-o", out]).code == 0
     first, second = rows_of(out)
     assert first["error"] == f"{images[0]}: the question must be text, not int"
     assert first["question"] == "" and second["error"] is None
@@ -170,7 +172,7 @@ def test_a_jsonl_question_that_is_not_text_is_an_error_row(cli, vqa_run, images,
     ("both", ["has its own 'question' column: drop --question"]),
     ("empty", ["the question is empty"]),
 ])
-def test_what_cannot_be_asked_at_all_is_one_line(cli, expect_error, vqa_run, vqa_manifest,
+def test_what_cannot_be_asked_at_all_is_one_line(cli, expect_error, vqa_export_run, vqa_manifest,
                                                  images, tmp_path, case, fragments):
     plain = tmp_path / "plain.csv"
     plain.write_text(f"path\n{images[0]}\n")
@@ -179,7 +181,7 @@ def test_what_cannot_be_asked_at_all_is_one_line(cli, expect_error, vqa_run, vqa
             "both": [vqa_manifest, "--question", "what is the shape?"],
             "empty": [vqa_manifest.parent, "--question", "  "]}[case]
     out = tmp_path / "answers.jsonl"
-    expect_error(cli(["infer", vqa_run, *args, "-o", out]), *fragments)
+    expect_error(cli(["infer", vqa_export_run, *args, "-o", out]), *fragments)
     assert not out.exists()
 
 
@@ -193,7 +195,7 @@ def test_a_classification_run_refuses_questions_in_one_line(cli, expect_error, t
     assert not out.exists()
 
 
-def test_resume_keys_rows_by_image_and_question(cli, vqa_run, vqa_manifest, tmp_path):
+def test_resume_keys_rows_by_image_and_question(cli, vqa_export_run, vqa_manifest, tmp_path):
     """A run cut after 13 rows plus a torn line, resumed, is byte for byte the
     uninterrupted run (batch size 1: every pair is answered alone in both). 10 images, each
     asked its 4 questions."""
@@ -204,23 +206,23 @@ def test_resume_keys_rows_by_image_and_question(cli, vqa_run, vqa_manifest, tmp_
         f"{vqa_manifest.parent / line['path']},{line['question']}\n" for line in lines))
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
     args = ["--batch-size", 1, "--workers", 0]
-    assert cli(["infer", vqa_run, manifest, "-o", whole, *args]).code == 0
+    assert cli(["infer", vqa_export_run, manifest, "-o", whole, *args]).code == 0
     lines = whole.read_bytes().split(b"\n")
     cut.write_bytes(b"\n".join(lines[:13]) + b"\n" + lines[13][:20])
-    result = cli(["infer", vqa_run, manifest, "-o", cut, "--resume", *args])
+    result = cli(["infer", vqa_export_run, manifest, "-o", cut, "--resume", *args])
     assert result.code == 0, str(result)
     assert "27 rows written (0 errors, 13 already done)" in result.stdout
     assert cut.read_bytes() == whole.read_bytes()
-    again = cli(["infer", vqa_run, manifest, "-o", cut, "--resume"])
+    again = cli(["infer", vqa_export_run, manifest, "-o", cut, "--resume"])
     assert "0 rows written (0 errors, 40 already done)" in again.stdout
 
 
-def test_the_same_pair_listed_twice_gets_one_row(cli, vqa_run, images, tmp_path):
+def test_the_same_pair_listed_twice_gets_one_row(cli, vqa_export_run, images, tmp_path):
     manifest = tmp_path / "twice.csv"
     manifest.write_text(f"path,question\n{images[0]},what?\n{images[0]},what?\n"
                         f"{images[0]},what is the shape?\n")
     out = tmp_path / "answers.jsonl"
-    result = cli(["infer", vqa_run, manifest, "-o", out])
+    result = cli(["infer", vqa_export_run, manifest, "-o", out])
     assert [(r["path"], r["question"]) for r in rows_of(out)] == \
         [(str(images[0]), "what?"), (str(images[0]), "what is the shape?")]
     assert "1 duplicate skipped" in result.stdout
