@@ -79,8 +79,7 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
             # The images' input, not the Dataframe's (a table can take a CSV upload too)
             images = page.locator("input[type=file][multiple]")
             images.wait_for(state="attached")
-            images.set_input_files(str(image))
-            page.get_by_text(image.name).first.wait_for()  # the upload has landed
+            _upload(page, images, image)
             page.get_by_label("Question").fill(question)
             button.click()
             status = page.get_by_text("1 image in")
@@ -101,3 +100,17 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
             browser.close()
     assert shown == expected and caption >= 1
     assert example_name.endswith(".png") and example_question.endswith("?")
+
+
+def _upload(page, files_input, image, tries: int = 3) -> None:
+    """Set `image` on the upload input until its name shows (the upload has landed). Under
+    load Gradio can drop a file set while its upload component is still mounting (seen once
+    in three suite runs on 2 busy cores); the answer checked after is the same either way."""
+    for attempt in range(tries):
+        files_input.set_input_files(str(image))
+        try:
+            page.get_by_text(image.name).first.wait_for(timeout=10_000)
+            return
+        except sync_api.TimeoutError:
+            if attempt == tries - 1:
+                raise
