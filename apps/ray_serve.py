@@ -204,12 +204,21 @@ def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RaySe
         log(f"not using {reason}")
     spec = PredictorSpec.load(run_path, chosen, config.precision)
     log(f"backend: {spec.description}")
+    run_until_stopped(ClassifierDeployment, spec, (spec.run_path, spec.backend, config), config,
+                      on_ready, log)
+
+
+def run_until_stopped(deployment, spec, bind_args: tuple, config: RayServeConfig,
+                      on_ready: Callable[[str], None], log: Callable[[str], None]) -> None:
+    """Run `deployment` (bound to `bind_args`; its replicas load `spec`) as this process's
+    Serve app until SIGINT or SIGTERM, then delete the app: the start-up and shutdown every
+    Ray Serve engine here shares (one run, or a shared export's adapters)."""
     port = _check_port(config.host, config.port)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # we print the URL ourselves
     with ray_session(RayOptions(address=config.address)) as session:
         log(session.describe())
         gpus = gpus_per_worker(spec, session, config.replicas, "replica")
-        deployment = ClassifierDeployment.options(
+        replicas = deployment.options(
             num_replicas=config.replicas, max_ongoing_requests=config.concurrency,
             max_queued_requests=config.max_queue,
             graceful_shutdown_timeout_s=config.graceful_seconds,
@@ -217,8 +226,8 @@ def serve_on_ray(run_path: str | os.PathLike, backend: str | None, config: RaySe
                                "num_gpus": gpus})
         serve.start(http_options={"host": config.host, "port": port}, logging_config=QUIET)
         try:
-            serve.run(deployment.bind(spec.run_path, spec.backend, config), name=APP_NAME,
-                      route_prefix="/", logging_config=QUIET)
+            serve.run(replicas.bind(*bind_args), name=APP_NAME, route_prefix="/",
+                      logging_config=QUIET)
             host = f"[{config.host}]" if ":" in config.host else config.host
             on_ready(f"http://{host}:{port}/")
             _wait_for_stop()

@@ -26,7 +26,6 @@ Counters are per replica: /metrics and /health show the replica that answered.
 # No `from __future__ import annotations` here: FastAPI reads the route parameters' types
 # at run time, and in a Serve replica string annotations do not resolve (see ray_serve).
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 
 from ..errors import MmdeployError
-from ..inference.ray_cluster import RayOptions, gpus_per_worker, ray_session
 from ..runtime.shared import SharedPredictor
 from .adapters import AdapterService, http_status
-from .ray_serve import APP_NAME, QUIET, RayServeConfig, _check_port, _wait_for_stop
+from .ray_serve import RayServeConfig, run_until_stopped
 from .uploads import read_form
 
 FIXED = ("adapters are fixed at start on --engine ray (each replica holds its own branches); "
@@ -140,23 +138,4 @@ def serve_shared_on_ray(shared_dir: str | os.PathLike, backend: str | None,
     `ray_serve.serve_on_ray` does for one run)."""
     spec = SharedSpec.load(shared_dir, backend, runs)
     log(f"backend: {spec.description}")
-    port = _check_port(config.host, config.port)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    with ray_session(RayOptions(address=config.address)) as session:
-        log(session.describe())
-        gpus = gpus_per_worker(spec, session, config.replicas, "replica")
-        deployment = SharedDeployment.options(
-            num_replicas=config.replicas, max_ongoing_requests=config.concurrency,
-            max_queued_requests=config.max_queue,
-            graceful_shutdown_timeout_s=config.graceful_seconds,
-            ray_actor_options={"num_cpus": min(1.0, session.cpus / config.replicas),
-                               "num_gpus": gpus})
-        serve.start(http_options={"host": config.host, "port": port}, logging_config=QUIET)
-        try:
-            serve.run(deployment.bind(spec, config), name=APP_NAME, route_prefix="/",
-                      logging_config=QUIET)
-            host = f"[{config.host}]" if ":" in config.host else config.host
-            on_ready(f"http://{host}:{port}/")
-            _wait_for_stop()
-        finally:
-            serve.delete(APP_NAME)
+    run_until_stopped(SharedDeployment, spec, (spec, config), config, on_ready, log)
