@@ -7,7 +7,8 @@ decode tasks on a small machine), no dashboard, and the CPUs Ray counts (the mac
 within its container's limits); it is started with `address="local"`, so a cluster someone
 started on this machine with `ray start` is never joined by accident. A cluster is joined
 only when asked: `--ray-address` or the `RAY_ADDRESS` variable (Ray's own convention).
-Leaving it stops the processes of a local Ray and only disconnects from a joined one.
+Leaving it stops the processes of a local Ray (and waits until they are gone, killing any
+still up after a grace period) and only disconnects from a joined one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
     # Failures reach the driver as exceptions; the workers' own log lines stay in Ray's
     # session logs (/tmp/ray/session_latest/logs) instead of interleaving with ours.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    before = _descendants()
     if address is None:
         context = ray.init(address="local", object_store_memory=options.object_store_mb * 2**20,
                            include_dashboard=False, **quiet)
@@ -128,7 +130,29 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
                          address is None, resources.get("CPU", 0.0),
                          resources.get("GPU", 0.0), nodes)
     finally:
+        started = _descendants() - before if address is None else set()
         ray.shutdown()
+        _reap(started)
+
+
+def _descendants() -> set:
+    import psutil
+
+    return set(psutil.Process().children(recursive=True))
+
+
+def _reap(processes: set, grace: float = 10.0) -> None:
+    """Wait for the processes of a local Ray to exit after `ray.shutdown()`, and kill those
+    still up after `grace` s. `ray.shutdown()` stops the raylet and returns; its workers
+    notice on their own, which on a loaded machine took over 15 s (seen in the suite), and
+    a command must leave no process behind when it returns."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

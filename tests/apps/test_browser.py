@@ -11,6 +11,8 @@ import pytest
 CHROMIUM = shutil.which("chromium")
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="playwright is not installed (pip install playwright)")
+# The images' upload input, not the results table's (a Dataframe takes a CSV upload too)
+IMAGES_INPUT = "input[type=file][multiple]"
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium on PATH (apt-get install -y chromium; `make test` "
                              "tries to install it)")
@@ -32,8 +34,7 @@ def test_upload_and_classify_in_chromium(server, image_dir, tmp_path):
             # Gradio renders its components after the page loads; a file set on the input
             # before its component is mounted is dropped (seen on a loaded machine)
             page.get_by_role("button", name="Classify").wait_for()
-            page.set_input_files("input[type=file]", str(image))
-            page.get_by_text(image.name).first.wait_for()  # the upload has landed
+            _upload(page, page.locator(IMAGES_INPUT), image, server)
             page.get_by_role("button", name="Classify").click()
             label = page.locator("[data-testid=label-output-value]")
             label.wait_for(timeout=30_000)
@@ -76,10 +77,7 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
             page.goto(vqa_server.url)
             button = page.get_by_role("button", name="Answer", exact=True)
             button.wait_for()
-            # The images' input, not the Dataframe's (a table can take a CSV upload too)
-            images = page.locator("input[type=file][multiple]")
-            images.wait_for(state="attached")
-            _upload(page, images, image)
+            _upload(page, page.locator(IMAGES_INPUT), image, vqa_server)
             page.get_by_label("Question").fill(question)
             button.click()
             status = page.get_by_text("1 image in")
@@ -102,15 +100,21 @@ def test_ask_a_question_in_chromium(vqa_server, vqa_manifest, tmp_path):
     assert example_name.endswith(".png") and example_question.endswith("?")
 
 
-def _upload(page, files_input, image, tries: int = 3) -> None:
+def _upload(page, files_input, image, server, tries: int = 2) -> None:
     """Set `image` on the upload input until its name shows (the upload has landed). Under
     load Gradio can drop a file set while its upload component is still mounting (seen once
-    in three suite runs on 2 busy cores); the answer checked after is the same either way."""
+    in three suite runs on 2 busy cores), and an upload can take over 10 s on a loaded CI
+    machine (seen once), so each try waits 30 s before setting the file again. The answer
+    checked after is the same either way. If it never lands, the failure shows what the page
+    and the server said."""
     for attempt in range(tries):
         files_input.set_input_files(str(image))
         try:
-            page.get_by_text(image.name).first.wait_for(timeout=10_000)
+            page.get_by_text(image.name).first.wait_for(timeout=30_000)
             return
         except sync_api.TimeoutError:
             if attempt == tries - 1:
-                raise
+                page_text = page.locator("body").inner_text()[-2000:]
+                raise AssertionError(
+                    f"{image.name} never showed after {tries} uploads\npage:\n{page_text}\n"
+                    f"server stderr:\n{server.stderr.read_text()[-3000:]}") from None
