@@ -6,7 +6,8 @@ Of the first `--images` images of easy-VQA's test split, those whose colour and 
 answers to their template questions give (not every image is asked both) are each asked 24
 paraphrases written here (8 asking the colour, 8 the shape, 8 yes/no about a colour or a
 shape, half of them true); the run's accuracy on them is printed beside its accuracy on the
-same images' template questions. Writes nothing.
+same images' template questions. Writes nothing. `vqa_learning_comparison.py` reports the
+same figures for each run it trains (`paraphrase_accuracy`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,33 @@ def paraphrases(image: str, colour: str, shape: str, rng: random.Random) -> list
     return [Sample(image, image, answer, question=q) for q, answer in rows]
 
 
+def paraphrase_accuracy(model, class_names: list[str], images: int = 100) -> dict:
+    """Accuracy of a vqa `model` on its answers' paraphrased questions and on the template
+    questions of the same test images (see the module), with their counts."""
+    index = {name: i for i, name in enumerate(class_names)}
+    test = load_labeled(EASY_VQA).test
+    paths = easy_vqa.get_test_image_paths()
+    first = {paths[i] for i in sorted(paths)[:images]}
+    templates = [s for s in test if s.name in first]
+    answers: dict[str, set[str]] = {}
+    for sample in templates:
+        answers.setdefault(sample.name, set()).add(class_names[sample.label])
+    rng = random.Random(0)
+    known = [image for image in sorted(answers)  # its answers give its colour and shape
+             if answers[image] & set(COLOURS) and answers[image] & set(SHAPES)]
+    asked = []
+    for image in known:
+        (colour,), (shape,) = answers[image] & set(COLOURS), answers[image] & set(SHAPES)
+        asked += [Sample(s.name, s.image, index[s.label], question=s.question)
+                  for s in paraphrases(image, colour, shape, rng)]
+    templates = [s for s in templates if s.name in set(known)]
+    figures = {"images": len(known)}
+    for name, samples in (("templates", templates), ("paraphrases", asked)):
+        figures[f"{name}_questions"] = len(samples)
+        figures[name] = accuracy(model, decode(samples, model.backbone, name), 64)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,28 +83,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     args = parser.parse_args()
     model, run = load_model(args.run)
-    index = {name: i for i, name in enumerate(run.class_names)}
-    test = load_labeled(EASY_VQA).test
-    paths = easy_vqa.get_test_image_paths()
-    images = [paths[i] for i in sorted(paths)[:args.images]]
-    templates = [s for s in test if s.name in set(images)]
-    answers: dict[str, set[str]] = {}
-    for sample in templates:
-        answers.setdefault(sample.name, set()).add(run.class_names[sample.label])
-    rng = random.Random(0)
-    asked = []
-    known = [image for image in images  # its templates' answers give its colour and shape
-             if answers[image] & set(COLOURS) and answers[image] & set(SHAPES)]
-    for image in known:
-        (colour,), (shape,) = answers[image] & set(COLOURS), answers[image] & set(SHAPES)
-        asked += [Sample(s.name, s.image, index[s.label], question=s.question)
-                  for s in paraphrases(image, colour, shape, rng)]
-    images = known
-    templates = [s for s in templates if s.name in set(known)]
-    for name, samples in (("templates", templates), ("paraphrases", asked)):
-        split = decode(samples, model.backbone, name)
-        print(f"{name}: {len(samples)} questions on {len(images)} images, accuracy "
-              f"{100 * accuracy(model, split, 64):.1f}%")
+    figures = paraphrase_accuracy(model, run.class_names, args.images)
+    for name in ("templates", "paraphrases"):
+        print(f"{name}: {figures[name + '_questions']} questions on {figures['images']} "
+              f"images, accuracy {100 * figures[name]:.1f}%")
 
 
 if __name__ == "__main__":

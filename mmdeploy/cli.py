@@ -103,12 +103,16 @@ class _TrainCommand(click.Command):
 @click.option("--no-cache", "no_cache", is_flag=True,
               help="Run the whole frozen tower at every step instead of once per image "
                    "(slower; the same weights to float error).")
+@click.option("--feature-store", type=click.Path(file_okay=False), default=None,
+              help="Keep the frozen tower's features of each split in this folder and reuse "
+                   "them in later runs on the same images and backbone (comparisons: "
+                   "several seeds or adapters).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (other options ignored).")
 def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, epochs,
           max_steps, batch_size, lr, seed, split_seed, ewc_lambda, options, no_cache,
-          overwrite, resume) -> None:
+          feature_store, overwrite, resume) -> None:
     """Train an adapter on the frozen backbone; the best epoch on validation is kept.
 
     \b
@@ -133,7 +137,8 @@ def train(adapter, source, backbone, out, shots, val_per_class, test_per_class, 
             DataConfig(source=source, shots=shots, val_per_class=val_per_class,
                        test_per_class=test_per_class, split_seed=split_seed),
             TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        seed=seed, ewc_lambda=ewc_lambda, cache_features=not no_cache),
+                        seed=seed, ewc_lambda=ewc_lambda, cache_features=not no_cache,
+                        feature_store=feature_store),
             overwrite=overwrite)
         for note in prepared.notes:
             click.echo(f"note: adapter {adapter!r}: {note}", err=True)

@@ -128,6 +128,9 @@ class TrainConfig(ConfigBase):
     # a cache over `cache_memory_mb` is a memory-mapped file in the run.
     cache_features: bool = True
     cache_memory_mb: int = 4096
+    # A folder where those features persist across runs (trainers/feature_store.py): runs on
+    # the same images and backbone (seeds, adapters of a comparison) compute them once.
+    feature_store: str | None = None
 
 
 @dataclass

@@ -205,6 +205,10 @@ class Preprocessor:
         resizes = getattr(processor, "do_resize", False)
         self._shortest_edge = _get(processor.size, "shortest_edge") if resizes else None
 
+    def settings(self) -> dict:
+        """The image processor's settings (what makes its pixels), as JSON values."""
+        return self._processor.to_dict()
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Preprocessor:
         """Load `preprocessor_config.json` from a local checkpoint directory."""

@@ -7,6 +7,8 @@ the first adapted block for HMMoE; LoRA changes every block and caches nothing. 
 then feeds the cached features in place of pixels (`AdaptedModel.reads_cache`), so a step
 runs only the adapted part. The cache stays in memory up to a bound and is a memory-mapped
 file in the run beyond it (removed when training ends), in the dtype the tower computed.
+With `train --feature-store DIR` the features of each split also persist across runs
+(`feature_store`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from mmdeploy.data import Sample
 from mmdeploy.errors import MmdeployError
 
+from . import feature_store
 from .split import (
     Split,
     asks_questions,
@@ -36,26 +39,53 @@ CHECK_TOLERANCE = 1e-4  # float32: the split forward runs the very same modules
 
 @torch.no_grad()
 def cached_split(model, samples: list[Sample], device: str, autocast: AbstractContextManager,
-                 desc: str, spill_path: Path, memory_limit_bytes: int) -> Split:
+                 desc: str, spill_path: Path, memory_limit_bytes: int,
+                 store: Path | None = None) -> Split:
     """The samples as `model.frozen_features` of their pixels, each image computed once,
     `CHUNK` at a time (the decoded pixels of a whole split are never held); a vqa split
-    holds each distinct image once, whatever the number of questions asked of it."""
+    holds each distinct image once, whatever the number of questions asked of it. With a
+    `store` (`feature_store`), features computed by an earlier run are read, and those
+    computed here are kept for the next."""
     model.eval()
     images, image_index = (distinct_images(samples) if asks_questions(samples)
                            else (samples, None))
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return _allocate(shape, dtype, spill_path, memory_limit_bytes)
+
+    key = storage = None
+    if store is not None:
+        key = feature_store.entry_key(model.backbone, frozen_prefix(model), images, device)
+        storage = feature_store.read_entry(store, key, len(images), allocate)
+    if storage is None:
+        storage = _compute(model, images, device, autocast, desc, allocate)
+        if key is not None:
+            feature_store.write_entry(store, key, storage)
+    if image_index is not None:
+        return vqa_split(storage, image_index, samples, model.backbone)
+    return Split(storage, *labels_and_captions(samples))
+
+
+def frozen_prefix(model) -> str:
+    """Where `model.frozen_features` cuts the image tower, in words."""
+    block = model.first_adapted_block()
+    if block == len(model.backbone.vision_blocks()):
+        return "pooled features"
+    return f"tokens entering block {block}"
+
+
+def _compute(model, images: list[Sample], device: str, autocast: AbstractContextManager,
+             desc: str, allocate) -> torch.Tensor:
     storage = None
     start = 0
     for pixels in pixel_chunks(images, model.backbone, desc, CHUNK):
         with autocast:
             features = model.frozen_features(pixels.to(device)).cpu()
         if storage is None:
-            storage = _allocate((len(images), *features.shape[1:]), features.dtype,
-                                spill_path, memory_limit_bytes)
+            storage = allocate((len(images), *features.shape[1:]), features.dtype)
         storage[start:start + len(features)] = features
         start += len(features)
-    if image_index is not None:
-        return vqa_split(storage, image_index, samples, model.backbone)
-    return Split(storage, *labels_and_captions(samples))
+    return storage
 
 
 @torch.no_grad()

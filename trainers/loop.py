@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -202,10 +203,15 @@ def _training_inputs(model, cfg: TrainConfig, run_dir: RunDir, backbone: Backbon
     check_split_forward(model, splits.train, device)
     limit = cfg.cache_memory_mb * 2**20
     cached = [cached_split(model, samples, device, autocast, f"cache {name}",
-                           run_dir.feature_cache_dir / f"{name}.bin", limit)
+                           run_dir.feature_cache_dir / f"{name}.bin", limit,
+                           _store(cfg))
               for name, samples in (("train", splits.train), ("val", splits.val))]
     model.reads_cache = True
     return cached[0], cached[1]
+
+
+def _store(cfg: TrainConfig) -> Path | None:
+    return Path(cfg.feature_store).expanduser() if cfg.feature_store else None
 
 
 def _finish(run_dir, backbone, splits, state, clock, model, batch_size,
@@ -220,7 +226,7 @@ def _finish(run_dir, backbone, splits, state, clock, model, batch_size,
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
         test = cached_split(model, splits.test, device, autocast, "cache test",
                             run_dir.feature_cache_dir / "test.bin",
-                            cfg.cache_memory_mb * 2**20)
+                            cfg.cache_memory_mb * 2**20, _store(cfg))
         model.reads_cache = True
     else:
         model.reads_cache = False

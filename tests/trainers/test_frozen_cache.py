@@ -114,3 +114,50 @@ def test_no_cache_from_the_command_line(cli, tmp_path):
                      result.stdout), result.stdout
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["train"]["cache_features"] is False
+
+
+@pytest.mark.parametrize("adapter", ["ganet", "hmmoe"])
+def test_a_feature_store_computes_each_split_once_across_runs(train, tmp_path, adapter):
+    store = tmp_path / "store"
+    first, first_dir, first_calls = train(adapter, feature_store=str(store), seed=2)
+    again, again_dir, again_calls = train(adapter, feature_store=str(store), seed=2)
+    alone, alone_dir, _ = train(adapter, seed=2)
+
+    assert len(list(store.glob("*.safetensors"))) == 2  # train and validation
+    # the second run reads both splits: no chunk through the tower for them
+    assert first_calls - again_calls == 2
+    for run_dir in (again_dir, first_dir):
+        a, b = load_safetensors(run_dir.weights_path), load_safetensors(alone_dir.weights_path)
+        assert all(torch.equal(a[k], b[k]) for k in a), run_dir
+    assert first.test_accuracy == again.test_accuracy == alone.test_accuracy
+
+
+def test_the_store_keys_by_prefix_and_image_bytes_and_ignores_a_bad_entry(train, tmp_path,
+                                                                          monkeypatch):
+    from mmdeploy.trainers import feature_store
+
+    store = tmp_path / "store"
+    train("ganet", feature_store=str(store))
+    train("hmmoe", feature_store=str(store))  # another cut of the tower: its own entries
+    entries = sorted(store.glob("*.safetensors"))
+    assert len(entries) == 4
+
+    # an entry that is not what its name says (here: truncated) is recomputed and rewritten
+    entries[0].write_bytes(entries[0].read_bytes()[:100])
+    computed = []
+    real_compute = frozen_cache._compute
+    monkeypatch.setattr(frozen_cache, "_compute",
+                        lambda *args: computed.append(1) or real_compute(*args))
+    train("ganet", feature_store=str(store))
+    train("hmmoe", feature_store=str(store))
+    assert len(computed) == 1
+    assert len(list(store.glob("*.safetensors"))) == 4
+
+    # the key covers each image's bytes, not only its name
+    backbone = load_backbone(BackboneConfig(cache_dir=str(tmp_path / "cache")))
+    samples = DataConfig(shots=1).splits().train[:2]
+    key = feature_store.entry_key(backbone, "pooled features", samples, "cpu")
+    changed = [samples[0], type(samples[1])(samples[1].name, samples[1].image[::-1].copy(),
+                                            samples[1].label)]
+    assert feature_store.entry_key(backbone, "pooled features", changed, "cpu") != key
+    assert feature_store.entry_key(backbone, "tokens entering block 2", samples, "cpu") != key
