@@ -73,10 +73,11 @@ browser:
 		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 			|| echo "could not install chromium: the browser test will be skipped"; }
 
-# Two pytest workers (pytest-xdist), a test file each at a time so a module's fixtures are
-# built once: the suite's own time is mostly waiting on subprocesses, servers and compilers,
-# so two workers on two cores take about half the wall time of one.
-TEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist) on two cores, a test file each at a time so a module's
+# fixtures are built once: much of the suite waits on servers, Ray and subprocesses starting,
+# so a third worker fills that time (on a quiet 2-core machine: 688 s with two workers, 572 s
+# with three and the slowest modules handed out first, tests/conftest.py).
+TEST_WORKERS ?= 3
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
