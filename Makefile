@@ -75,7 +75,7 @@ browser:
 
 # Three pytest workers (pytest-xdist) on two cores, a test file each at a time so a module's
 # fixtures are built once: much of the suite waits on servers, Ray and subprocesses starting,
-# so a third worker fills that time (on a quiet 2-core machine: 688 s with two workers, 572 s
+# so a third worker fills that time (on a quiet 2-core machine: 688 s with two workers, 572-688 s
 # with three). Files are handed out in collection order, which tests/conftest.py starts with
 # the slowest: xdist's own order (most tests first) left a one-test Ray module for the end.
 TEST_WORKERS ?= 3
