@@ -113,7 +113,7 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
     # Failures reach the driver as exceptions; the workers' own log lines stay in Ray's
     # session logs (/tmp/ray/session_latest/logs) instead of interleaving with ours.
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
-    before = _descendants()
+    before = _descendants() if address is None else set()
     if address is None:
         context = ray.init(address="local", object_store_memory=options.object_store_mb * 2**20,
                            include_dashboard=False, **quiet)
@@ -130,7 +130,7 @@ def ray_session(options: RayOptions) -> Iterator[RaySession]:
                          address is None, resources.get("CPU", 0.0),
                          resources.get("GPU", 0.0), nodes)
     finally:
-        started = _descendants() - before if address is None else set()
+        started = _descendants() - before if address is None else set()  # ours to reap
         ray.shutdown()
         _reap(started)
 

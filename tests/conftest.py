@@ -32,9 +32,9 @@ os.environ["MMDEPLOY_CACHE"] = _CACHE
 TINY_STEPS = 20
 
 # The slowest modules, slowest first (seconds on 2 cores with `--durations=0`: 90-150 s down
-# to 35 s): `make test` hands whole modules to its two workers (`--dist loadfile`) in
-# collection order, and a slow module handed out last keeps one worker busy while the other
-# has finished. Every other module keeps its place after these.
+# to 35 s): `make test` hands whole modules to its workers (`--dist loadfile
+# --no-loadscope-reorder`) in collection order, and a slow module handed out last keeps one
+# worker busy while the others have finished. Every other module keeps its place after these.
 SLOWEST_MODULES = (
     "tests/scale/test_ray_infer.py", "tests/bench/test_gpu_check.py",
     "tests/scale/test_ray_vqa.py", "tests/apps/test_security.py", "tests/apps/test_adapters.py",

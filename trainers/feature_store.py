@@ -7,7 +7,8 @@ computed by the first run that needs them and read by the others.
 
 An entry is one split's features, named by the sha256 of everything they depend on: the
 backbone's identity (configs and weights), its image preprocessing, where the tower is cut
-(the pooled features, or the tokens entering block k), the device kind and each image's
+(`AdaptedModel.first_adapted_block`: the tower's depth for the pooled features, else the
+tokens entering that block), the device kind and each image's
 name and bytes, in order. It is a safetensors file written atomically; one whose recorded
 key or row count does not match is not used (and is overwritten).
 """
@@ -31,11 +32,12 @@ COPY_ROWS = 256  # rows copied from an entry at a time
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def entry_key(backbone, prefix: str, images: list[Sample], device: str) -> str:
-    """The sha256 naming the features of `images` cut at `prefix` (see the module)."""
+def entry_key(backbone, cut: int, images: list[Sample], device: str) -> str:
+    """The sha256 naming the features of `images` with the tower cut at block `cut` (see the
+    module)."""
     digest = hashlib.sha256(json.dumps(
         {"backbone": backbone.identity, "preprocessing": backbone.preprocessor.settings(),
-         "prefix": prefix, "device": torch.device(device).type}, sort_keys=True,
+         "cut": cut, "device": torch.device(device).type}, sort_keys=True,
         default=str).encode())
     for sample in images:
         digest.update(sample.name.encode() + b"\0" + _image_digest(sample).encode())

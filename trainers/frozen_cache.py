@@ -55,7 +55,8 @@ def cached_split(model, samples: list[Sample], device: str, autocast: AbstractCo
 
     key = storage = None
     if store is not None:
-        key = feature_store.entry_key(model.backbone, frozen_prefix(model), images, device)
+        key = feature_store.entry_key(model.backbone, model.first_adapted_block(), images,
+                                      device)
         storage = feature_store.read_entry(store, key, len(images), allocate)
     if storage is None:
         storage = _compute(model, images, device, autocast, desc, allocate)
@@ -64,14 +65,6 @@ def cached_split(model, samples: list[Sample], device: str, autocast: AbstractCo
     if image_index is not None:
         return vqa_split(storage, image_index, samples, model.backbone)
     return Split(storage, *labels_and_captions(samples))
-
-
-def frozen_prefix(model) -> str:
-    """Where `model.frozen_features` cuts the image tower, in words."""
-    block = model.first_adapted_block()
-    if block == len(model.backbone.vision_blocks()):
-        return "pooled features"
-    return f"tokens entering block {block}"
 
 
 def _compute(model, images: list[Sample], device: str, autocast: AbstractContextManager,

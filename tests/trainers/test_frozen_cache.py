@@ -156,8 +156,8 @@ def test_the_store_keys_by_prefix_and_image_bytes_and_ignores_a_bad_entry(train,
     # the key covers each image's bytes, not only its name
     backbone = load_backbone(BackboneConfig(cache_dir=str(tmp_path / "cache")))
     samples = DataConfig(shots=1).splits().train[:2]
-    key = feature_store.entry_key(backbone, "pooled features", samples, "cpu")
+    key = feature_store.entry_key(backbone, 4, samples, "cpu")
     changed = [samples[0], type(samples[1])(samples[1].name, samples[1].image[::-1].copy(),
                                             samples[1].label)]
-    assert feature_store.entry_key(backbone, "pooled features", changed, "cpu") != key
-    assert feature_store.entry_key(backbone, "tokens entering block 2", samples, "cpu") != key
+    assert feature_store.entry_key(backbone, 4, changed, "cpu") != key
+    assert feature_store.entry_key(backbone, 2, samples, "cpu") != key
