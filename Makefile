@@ -73,12 +73,13 @@ browser:
 		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 			|| echo "could not install chromium: the browser test will be skipped"; }
 
-# Three pytest workers (pytest-xdist) on two cores, a test file each at a time so a module's
-# fixtures are built once: much of the suite waits on servers, Ray and subprocesses starting,
-# so a third worker fills that time (on a quiet 2-core machine: 688 s with two workers, 572-688 s
-# with three). Files are handed out in collection order, which tests/conftest.py starts with
-# the slowest: xdist's own order (most tests first) left a one-test Ray module for the end.
-TEST_WORKERS ?= 3
+# Two pytest workers (pytest-xdist), a test file each at a time so a module's fixtures are
+# built once, handed out in collection order, which tests/conftest.py starts with the slowest
+# (xdist's own order, most tests first, left a one-test Ray module for the end). Three
+# workers took 572-688 s on a quiet 2-core machine against 688 s for two, but under them a
+# Ray Serve start failed once (its HTTP proxy was not ready in time): two, until the suite's
+# CPU work is cut.
+TEST_WORKERS ?= 2
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
