@@ -73,13 +73,12 @@ browser:
 		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 			|| echo "could not install chromium: the browser test will be skipped"; }
 
-# Two pytest workers (pytest-xdist), a test file each at a time so a module's fixtures are
-# built once, handed out in collection order, which tests/conftest.py starts with the slowest
-# (xdist's own order, most tests first, left a one-test Ray module for the end). Three
-# workers took 572-688 s on a quiet 2-core machine against 688 s for two, but under them a
-# Ray Serve start failed once (its HTTP proxy was not ready in time): two, until the suite's
-# CPU work is cut.
-TEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist) on 2 cores: servers and Ray clusters starting leave the
+# CPU idle in turns, which a third worker fills (on a quiet 2-core machine: 666 s against
+# 737 s for two). A test file each at a time so a module's fixtures are built once, handed
+# out in collection order, which tests/conftest.py starts with the slowest (xdist's own
+# order, most tests first, left a one-test Ray module for the end).
+TEST_WORKERS ?= 3
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

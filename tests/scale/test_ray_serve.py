@@ -79,6 +79,23 @@ def test_health_and_info(server):
     assert info["serving"]["replicas"] == 2 and info["serving"]["concurrency"] == 4
 
 
+def test_serve_controller_gives_the_proxy_a_minute_to_start(server):
+    """The local Ray's Serve controller runs with the longer proxy ready check
+    (`PROXY_READY_SECONDS`), so a slow proxy start on a loaded machine is waited for."""
+    controllers = [pid for pid, _ in server.command.started
+                   if b"ServeController" in _read(f"/proc/{pid}/cmdline")]
+    assert controllers, "no Serve controller among the processes serve started"
+    environment = _read(f"/proc/{controllers[0]}/environ").split(b"\0")
+    assert b"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=60" in environment
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # the process has exited
+        return b""
+
+
 def test_fifty_requests_at_once_get_the_rows_infer_writes(server, images, infer_rows,
                                                           same_row):
     """Every 5th request carries 3 images; each image's row is `infer`'s, in upload order."""

@@ -10,7 +10,7 @@ import time
 from mmdeploy.artifacts import load_safetensors
 
 TRAIN = ["train", "--adapter", "hmmoe", "--data", "demo", "--backbone", "tiny", "--shots", "16",
-         "--batch-size", "8", "--max-steps", "130", "--seed", "3", "--option", "num_layers=2",
+         "--batch-size", "8", "--max-steps", "60", "--seed", "3", "--option", "num_layers=2",
          "--option", "rank=4"]
 
 
@@ -31,12 +31,12 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path):
     reference = mmdeploy(*TRAIN, "--out", str(whole))
     victim = mmdeploy(*TRAIN, "--out", str(killed))
     deadline = time.monotonic() + 120
-    while checkpoint_step(killed) < 50 and time.monotonic() < deadline:
+    while checkpoint_step(killed) < 20 and time.monotonic() < deadline:  # epoch 1's end
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    assert 50 <= checkpoint_step(killed) < 130
+    assert 20 <= checkpoint_step(killed) < 60
     assert reference.wait() == 0, reference.stdout.read()
 
     resumed = mmdeploy("train", "--out", str(killed), "--resume")
