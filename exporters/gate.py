@@ -88,10 +88,11 @@ class GateReport:
     accuracy_drop_points: float | None
     cosine_min: float
     cosine_mean: float
-    images: int
+    images: int  # samples measured: images, or a vqa run's image + question pairs
     labelled: int
     bounds: GateBounds = field(default_factory=GateBounds)
     backend: str = BACKEND  # what was measured: ONNX Runtime's INT8 graph, or an INT8 engine
+    unit: str = "images"  # what `images` counts, as the summary names it
 
     @property
     def violations(self) -> list[tuple[str, float, float]]:
@@ -111,7 +112,7 @@ class GateReport:
     def summary(self) -> str:
         drop = self.accuracy_drop_points
         drop_text = "not measured" if drop is None else f"{drop:+.2f} points"
-        return (f"top-1 agreement {self.agreement:.2%} on {self.images} images, accuracy drop "
+        return (f"top-1 agreement {self.agreement:.2%} on {self.images} {self.unit}, accuracy drop "
                 f"{drop_text}, logit cosine min {self.cosine_min:.4f}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,4 +208,5 @@ def measure(data: GateData, logits: np.ndarray, bounds: GateBounds) -> GateRepor
         accuracy_fp32=accuracy_fp32, accuracy_int8=accuracy_int8, accuracy_drop_points=drop,
         cosine_min=float(cosine.min()) if len(cosine) else 1.0,
         cosine_mean=float(cosine.mean()) if len(cosine) else 1.0,
-        images=len(data), labelled=int(labelled.sum()), bounds=bounds)
+        images=len(data), labelled=int(labelled.sum()), bounds=bounds,
+        unit="images" if data.questions is None else "image + question pairs")

@@ -21,6 +21,7 @@ def test_identical_logits_pass_with_perfect_figures():
     assert report.accuracy_fp32 == report.accuracy_int8 == 0.9
     assert report.accuracy_drop_points == 0.0
     assert report.cosine_min == pytest.approx(1.0) and report.images == report.labelled == 10
+    assert "top-1 agreement 100.00% on 10 images," in report.summary()
 
 
 def test_one_changed_answer_in_ten_fails_agreement_and_costs_accuracy():

@@ -297,6 +297,7 @@ def test_the_int8_gate_measures_vqa_accuracy(vqa_export_run, reference):
     report = measure(data, candidate_logits(engine, data.inputs), GateBounds())
     assert report.passed and report.agreement == 1.0 and report.accuracy_drop_points == 0.0
     assert report.images == len(samples) and report.labelled == labelled
+    assert f"on {len(samples)} image + question pairs," in report.summary()
 
 
 def test_int8_export_of_a_vqa_run_is_gated_and_serves(vqa_export_run, tmp_path, cli,
