@@ -59,7 +59,9 @@ class VqaModel(AdaptedModel):
 
         While the text tower is frozen and the model is not deployed, each distinct
         question (its unpadded token ids) goes through the tower once; a text-tower LoRA (it
-        may be training) and the deploy form (it exports) run the tower every time."""
+        may be training) and the deploy form (it exports) run the tower every time. From the
+        cache, a model whose image tower does not read the question gets no states (`()`):
+        keeping and padding them took a third of a pooled-feature head's training step."""
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.deployed or self.text_loras is not None:
             return self.backbone.encode_text(tokens)
@@ -73,12 +75,16 @@ class VqaModel(AdaptedModel):
                 pooled, states = self.backbone.encode_text(
                     {name: tensor[rows] for name, tensor in tokens.items()})
             for j, (key, row) in enumerate(missing.items()):
-                entry = (pooled[j], tuple(s[j, real[row]] for s in states))
+                kept = tuple(s[j, real[row]] for s in states) if self.image_reads_question \
+                    else ()
+                entry = (pooled[j], kept)
                 self._question_cache[key] = entry
                 self._question_cache_bytes += _entry_bytes(entry)
         cached = [self._question_cache[key] for key in keys]
         self._evict_questions(set(keys))
         pooled = torch.stack([c[0] for c in cached])
+        if not self.image_reads_question:
+            return pooled, ()
         states = []
         for depth, first in enumerate(cached[0][1]):
             padded = first.new_zeros((*input_ids.shape, first.shape[-1]))

@@ -82,11 +82,31 @@ def test_the_question_cache_gives_what_the_text_tower_gives(vqa_backbone, vqa_ma
     torch.testing.assert_close(cached, tower, rtol=1e-4, atol=1e-5)
 
 
+def test_a_pooled_feature_head_caches_only_the_pooled_question(vqa_backbone, vqa_manifest):
+    """Product fusion never reads the token states: the cache keeps the pooled features
+    alone, and the model answers as it does from the text tower."""
+    backbone = vqa_backbone()
+    model = build("product-fusion", backbone, ["yes", "no"]).eval()
+    torch.nn.init.normal_(model.fusion.classifier.weight)
+    tokens = backbone.tokenize(["is there a red shape?", "what?", "what is the shape?"])
+    pixels = decode(load_labeled(str(vqa_manifest)).samples[::4][:3], backbone, "decode").inputs
+    with torch.no_grad():
+        pooled, states = model.encode_question(tokens["input_ids"], tokens["attention_mask"])
+        cached = model(pixels, tokens["input_ids"], tokens["attention_mask"])[0]
+        tower_pooled, tower_states = backbone.encode_text(tokens)
+        tower = model.answer(model.encode_image(pixels, tower_states, tokens["attention_mask"]),
+                             tower_pooled)[0]
+    assert states == () and len(tower_states) > 1
+    assert model._question_cache_bytes == pooled.numel() * pooled.element_size()
+    torch.testing.assert_close(pooled, tower_pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached, tower, rtol=1e-5, atol=1e-6)
+
+
 def test_the_question_cache_keeps_to_its_budget(vqa_backbone, monkeypatch):
     from mmdeploy.models.vqa import base
 
     backbone = vqa_backbone()
-    model = build("product-fusion", backbone, ["yes", "no"]).eval()
+    model = build("hmmoe", backbone, ["yes", "no"]).eval()  # keeps the token states too
     questions = [f"is there a shape number {i}?" for i in range(12)]
     tokens = backbone.tokenize(questions)
     with torch.no_grad():
