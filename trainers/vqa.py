@@ -4,6 +4,8 @@ whose image features do not depend on the question embeds each image once."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .split import Split
@@ -15,20 +17,18 @@ def image_rows(model, split: Split, batch_size: int, device: str) -> torch.Tenso
                       for i in range(0, len(split.inputs), batch_size)])
 
 
-def accuracy_per_image(model, split: Split, batch_size: int, device: str) -> float:
-    """Accuracy of a vqa model whose image features do not depend on the question: each
-    image goes through the image tower once, whatever the number of questions asked of it
-    (the same logits as the forward on every question, computed once per image)."""
+def logits_per_image(model, split: Split, batch_size: int,
+                     device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) batch by batch for a vqa model whose image features do not depend on
+    the question: each image goes through the image tower once, whatever the number of
+    questions asked of it (the same logits as the forward on every question)."""
     image = image_rows(model, split, batch_size, device)
-    correct = 0
     for start in range(0, len(split), batch_size):
         ids = torch.arange(start, min(start + batch_size, len(split)))
         batch = split.batch(ids)
         question = model.encode_question(batch.input_ids.to(device),
                                          batch.attention_mask.to(device))[0]
-        logits = model.answer(image[split.image_index[ids].to(device)], question)[0]
-        correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
-    return correct / max(len(split), 1)
+        yield model.answer(image[split.image_index[ids].to(device)], question)[0], batch.labels
 
 
 @torch.no_grad()

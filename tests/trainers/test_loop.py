@@ -44,9 +44,21 @@ def test_metrics_validation_and_best_selection(setup):
     assert len(steps) == result.steps == 3 * 3  # 20 images / batch 8 = 3 steps, 3 epochs
     assert [v["epoch"] for v in vals] == [0, 1, 2]
     assert result.best_val_accuracy == max(v["val_accuracy"] for v in vals)
+    best = max(vals, key=lambda v: (v["val_accuracy"], -v["val_loss"]))  # first on a full tie
+    assert result.best_step == best["step"]
     assert lines[-1]["event"] == "test" and lines[-1]["best_step"] == result.best_step
     assert set(load_safetensors(run_dir.weights_path)) == {"classifier.weight",
                                                            "classifier.bias"}
+
+
+def test_a_tie_on_validation_accuracy_goes_to_the_lower_loss():
+    state = {"best_val": 1.0, "best_step": 100, "best_val_loss": 0.02}
+    assert loop._better(1.0, 0.01, state)
+    assert not loop._better(1.0, 0.03, state) and not loop._better(0.99, 0.001, state)
+    assert loop._better(1.0, 0.5, {"best_val": 0.9, "best_step": 1, "best_val_loss": 0.1})
+    # a checkpoint written before the loss was kept: accuracy alone decides, as it did
+    assert not loop._better(1.0, 0.01, {"best_val": 1.0, "best_step": 100})
+    assert not loop._better(1.0, float("nan"), state)
 
 
 def test_same_seed_same_weights(setup):
