@@ -61,7 +61,7 @@ class VqaModel(AdaptedModel):
         question (its unpadded token ids) goes through the tower once; a text-tower LoRA (it
         may be training) and the deploy form (it exports) run the tower every time. From the
         cache, a model whose image tower does not read the question gets no states (`()`):
-        keeping and padding them took a third of a pooled-feature head's training step."""
+        keeping and padding them made a product-fusion training step 5-6 ms instead of 3."""
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.deployed or self.text_loras is not None:
             return self.backbone.encode_text(tokens)
