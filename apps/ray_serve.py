@@ -69,7 +69,7 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}
 # Serve's controller gives a starting HTTP proxy 5 s (Ray's default) to report ready, then
 # kills it, and `serve.start` fails with ActorDiedError: seen on a 2-core machine under load.
 # A local Ray's actors inherit this process's environment; a joined cluster keeps its own.
-PROXY_READY_SECONDS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+PROXY_READY_VARIABLE, PROXY_READY_SECONDS = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,7 @@ def run_until_stopped(deployment, spec, bind_args: tuple, config: RayServeConfig
     Ray Serve engine here shares (one run, or a shared export's adapters)."""
     port = _check_port(config.host, config.port)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # we print the URL ourselves
-    for name, value in PROXY_READY_SECONDS.items():
-        os.environ.setdefault(name, value)  # a user's own setting wins
+    os.environ.setdefault(PROXY_READY_VARIABLE, PROXY_READY_SECONDS)  # a user's setting wins
     with ray_session(RayOptions(address=config.address)) as session:
         log(session.describe())
         gpus = gpus_per_worker(spec, session, config.replicas, "replica")
