@@ -75,9 +75,10 @@ browser:
 
 # Three pytest workers (pytest-xdist) on 2 cores: servers and Ray clusters starting leave the
 # CPU idle in turns, which a third worker fills (on a quiet 2-core machine: 666 s against
-# 737 s for two; 520 s since tests/conftest.py sets OMP_WAIT_POLICY=PASSIVE). A test file each at a time so a module's fixtures are built once, handed
-# out in collection order, which tests/conftest.py starts with the slowest (xdist's own
-# order, most tests first, left a one-test Ray module for the end).
+# 737 s for two; 503-520 s since tests/conftest.py sets OMP_WAIT_POLICY=PASSIVE). A test
+# file each at a time so a module's fixtures are built once, handed out in collection
+# order, which tests/conftest.py starts with the slowest (xdist's own order, most tests
+# first, left a one-test Ray module for the end).
 TEST_WORKERS ?= 3
 test: lint browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
